@@ -1,0 +1,348 @@
+"""Reading diffusers/transformers checkpoints into nnx modules, and writing them back.
+
+A model is built shape-only (`nnx.eval_shape`), then every parameter is filled from the checkpoint through a
+conversion table: checkpoint key -> (module path, transform). The table comes from the module's structure,
+whose attribute names equal the diffusers/transformers names, and the layer type decides the transform:
+
+| layer          | flax param  | checkpoint   | transform                      |
+|----------------|-------------|--------------|--------------------------------|
+| nnx.Conv       | kernel      | weight       | OIHW -> HWIO                   |
+| nnx.Linear     | kernel      | weight       | (out, in) -> (in, out)         |
+| GroupNorm/LN   | scale, bias | weight, bias | none                           |
+| nnx.Embed      | embedding   | weight       | none                           |
+| other nnx.Param| name        | same name    | none                           |
+
+A model class may rename legacy checkpoint keys (`checkpoint_key_renames`) and list keys to skip
+(`ignored_checkpoint_keys`, e.g. buffers). Loading then checks both directions: every checkpoint key consumed,
+every parameter filled, each with the right shape; anything else is a `CheckpointMismatchError` naming the keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+CONV = "conv"
+LINEAR = "linear"
+COPY = "copy"
+
+# Module types whose params get renamed/transformed; everything else is copied under its own name.
+_NORMS = (nnx.GroupNorm, nnx.LayerNorm)
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model built from its config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    path: tuple  # path of the nnx.Param inside the module
+    transform: str  # CONV, LINEAR or COPY
+    shape: tuple  # flax-side shape
+
+
+def _torch_name(module: nnx.Module, param: str) -> tuple[str, str]:
+    if isinstance(module, nnx.Conv) and param == "kernel":
+        return "weight", CONV
+    if isinstance(module, nnx.Linear) and param == "kernel":
+        return "weight", LINEAR
+    if isinstance(module, _NORMS) and param == "scale":
+        return "weight", COPY
+    if isinstance(module, nnx.Embed) and param == "embedding":
+        return "weight", COPY
+    return param, COPY
+
+
+def conversion_table(model: nnx.Module) -> dict[str, Entry]:
+    """checkpoint key -> Entry for every parameter of `model` (works on an `nnx.eval_shape` template)."""
+    modules = {tuple(path): mod for path, mod in nnx.iter_modules(model)}
+    table = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        owner = modules[tuple(path[:-1])]
+        name, transform = _torch_name(owner, path[-1])
+        key = ".".join(str(p) for p in (*path[:-1], name))
+        table[key] = Entry(tuple(path), transform, tuple(var.get_value().shape))
+    return table
+
+
+def to_flax(array: np.ndarray, transform: str) -> np.ndarray:
+    if transform == CONV:
+        if array.ndim == 2:  # a 1x1 conv saved as a linear weight
+            array = array[:, :, None, None]
+        array = array.transpose(2, 3, 1, 0)
+    elif transform == LINEAR:
+        if array.ndim == 4:  # a linear saved as a 1x1 conv (old VAE attention)
+            array = array[:, :, 0, 0]
+        array = array.T
+    return array
+
+
+def to_torch(array: np.ndarray, transform: str) -> np.ndarray:
+    if transform == CONV:
+        return array.transpose(3, 2, 0, 1)
+    if transform == LINEAR:
+        return array.T
+    return array
+
+
+def _torch_shape(entry: Entry) -> tuple:
+    s = entry.shape
+    if entry.transform == CONV:
+        return (s[3], s[2], s[0], s[1])
+    if entry.transform == LINEAR:
+        return (s[1], s[0])
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def weight_files(folder: Path, stems: Iterable[str], variant: str | None = None) -> list[Path]:
+    """The safetensors files of a model folder: single file or sharded with an index, optional variant."""
+    folder = Path(folder)
+    for stem in stems:
+        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: shard files missing: {', '.join(missing)}")
+            return [folder / s for s in shards]
+    found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    hint = f" (found: {', '.join(found)}; pass variant=...?)" if found else ""
+    raise FileNotFoundError(
+        f"no {'/'.join(stems)}{'.' + variant if variant else ''}.safetensors weights in {folder}{hint}"
+    )
+
+
+class LazyCheckpoint(Mapping[str, np.ndarray]):
+    """All tensors of one or more safetensors files, read (memory-mapped) only when asked for."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="numpy") for f in files]
+        self._where = {}
+        for h in self._handles:
+            for k in h.keys():
+                self._where[k] = h
+
+    def __getitem__(self, key):
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def read_checkpoint(files: list[Path]) -> LazyCheckpoint:
+    try:
+        return LazyCheckpoint(files)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read safetensors checkpoint {', '.join(map(str, files))}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filling a model
+
+
+def _describe(keys, limit=12) -> str:
+    keys = sorted(keys)
+    more = f" … (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state(
+    model: nnx.Module,
+    checkpoint: Mapping[str, np.ndarray],
+    *,
+    param_dtype=jnp.float32,
+    renames: Callable[[str], str] = lambda k: k,
+    ignored: Iterable[str] = (),
+    name: str = "model",
+    sharding=None,
+) -> None:
+    """Fill every parameter of `model` from `checkpoint` (torch layout), strictly.
+
+    Raises CheckpointMismatchError naming missing keys, unexpected keys and wrong shapes.
+    """
+    table = conversion_table(model)
+    ignored_patterns = [re.compile(p) for p in ignored]
+    source = {}
+    for key in checkpoint:
+        if any(p.fullmatch(key) for p in ignored_patterns):
+            continue
+        source[renames(key)] = key
+    missing = table.keys() - source.keys()
+    unexpected = source.keys() - table.keys()
+    wrong = []
+    for key in table.keys() & source.keys():
+        have = tuple(checkpoint[source[key]].shape)
+        want = _torch_shape(table[key])
+        if have != want and not _reshape_ok(table[key], have, want):
+            wrong.append(f"{key} {have} (model wants {want})")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shapes: {_describe(wrong)}")
+        raise CheckpointMismatchError(f"{name}: checkpoint does not match the config; " + "; ".join(parts))
+
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for key, entry in table.items():
+        array = to_flax(np.asarray(checkpoint[source[key]]), entry.transform)
+        value = jnp.asarray(array, dtype=param_dtype)
+        if sharding is not None:
+            value = jax.device_put(value, sharding)
+        flat[entry.path].set_value(value)
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+def _reshape_ok(entry: Entry, have: tuple, want: tuple) -> bool:
+    # 1x1 convs stored as linear weights and the reverse (old VAE attention) are accepted
+    if entry.transform == CONV:
+        return want[2:] == (1, 1) and have == want[:2]
+    if entry.transform == LINEAR:
+        return have == (*want, 1, 1)
+    return False
+
+
+def state_dict(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
+    """Torch-layout numpy arrays of every parameter, keyed as diffusers/transformers save them."""
+    out = {}
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for key, entry in conversion_table(model).items():
+        array = np.asarray(jax.device_get(flat[entry.path].get_value()))
+        if dtype is not None:
+            array = array.astype(dtype)
+        out[key] = np.ascontiguousarray(to_torch(array, entry.transform))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The base class of every sdjax network
+
+
+def resolve_path(path_or_id: str | os.PathLike) -> Path:
+    """A local folder, or a hub id fetched with huggingface_hub when there is a network."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+            )
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{text!r} is not a local folder and could not be fetched from the hub ({type(e).__name__}); "
+                "give the path of a diffusers folder"
+            ) from None
+    raise FileNotFoundError(f"{text!r}: no such model folder")
+
+
+class PretrainedModel:
+    """Mixin for sdjax networks: `from_config`, `from_pretrained`, `save_pretrained`.
+
+    A subclass sets `config_class` (a frozen dataclass with `from_dict` and `to_dict`), `weight_stems`
+    (file stems to look for), and its `__init__(config, *, rngs, dtype, param_dtype)`.
+    """
+
+    config_class: Any = None
+    weight_stems: tuple[str, ...] = ("diffusion_pytorch_model",)
+    ignored_checkpoint_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def checkpoint_key_renames(cls, key: str) -> str:
+        return key
+
+    @classmethod
+    def _parse_config(cls, config):
+        if isinstance(config, cls.config_class):
+            return config
+        return cls.config_class.from_dict(dict(config))
+
+    @classmethod
+    def from_config(cls, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=None):
+        """A randomly initialised model (for training and tests)."""
+        config = cls._parse_config(config)
+        return cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype or dtype)
+
+    @classmethod
+    def abstract(cls, config, *, dtype=jnp.float32, param_dtype=None):
+        """The model with shapes only (no memory, no compute): for loading and parameter counts."""
+        config = cls._parse_config(config)
+        return nnx.eval_shape(
+            lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype)
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        dtype=jnp.float32,
+        param_dtype=None,
+        variant: str | None = None,
+        sharding=None,
+    ):
+        """Load `config.json` + safetensors weights (diffusers/transformers layout) from `path[/subfolder]`."""
+        folder = resolve_path(path)
+        if subfolder:
+            folder = folder / subfolder
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (is this a {cls.__name__} folder?)")
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        config = cls._parse_config(raw)
+        param_dtype = param_dtype or dtype
+        model = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
+        checkpoint = read_checkpoint(weight_files(folder, cls.weight_stems, variant))
+        load_state(
+            model,
+            checkpoint,
+            param_dtype=param_dtype,
+            renames=cls.checkpoint_key_renames,
+            ignored=cls.ignored_checkpoint_keys,
+            name=f"{cls.__name__} from {folder}",
+            sharding=sharding,
+        )
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, variant: str | None = None, dtype=None) -> None:
+        """Write `config.json` and `<stem>[.variant].safetensors` that diffusers/transformers can load."""
+        from safetensors.numpy import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        stem = self.weight_stems[0]
+        name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+        save_file(state_dict(self, dtype), str(folder / name), metadata={"format": "pt"})
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
