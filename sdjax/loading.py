@@ -232,7 +232,8 @@ def state_dict(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
         array = np.asarray(jax.device_get(flat[entry.path].get_value()))
         if dtype is not None:
             array = array.astype(dtype)
-        out[key] = np.ascontiguousarray(to_torch(array, entry.transform))
+        array = to_torch(array, entry.transform)
+        out[key] = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes 0-d arrays 1-d
     return out
 
 

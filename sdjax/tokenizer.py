@@ -1,0 +1,109 @@
+"""CLIP tokenization, as diffusers pipelines do it: BOS, BPE tokens, EOS, padded to 77 with the folder's pad token.
+
+The BPE itself is transformers' `CLIPTokenizer` (transformers is a runtime dependency for this only), read from a
+pipeline's `tokenizer/` folder or the files shipped in `sdjax/tokenizer_data/` (openai/clip-vit-large-patch14's).
+The pad token differs between folders: SD1.x pads with "<|endoftext|>", the SD2.x / SDXL `tokenizer_2` folders
+with "!"; the folder's own config decides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+PACKAGED = Path(__file__).parent / "tokenizer_data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    input_ids: np.ndarray  # (B, max_length) int32
+    attention_mask: np.ndarray  # (B, max_length) int32, 1 for real tokens (BOS/EOS included), 0 for padding
+    truncated: tuple[str | None, ...]  # per prompt: the text dropped by truncation, or None
+
+
+class Tokenizer:
+    """`tok(prompts, max_length=77) -> (input_ids, attention_mask)`, both (B, max_length) int32 numpy arrays.
+
+    A prompt longer than max_length tokens is cut to max_length - 1 tokens plus EOS, with a warning naming the
+    dropped text; `tok.encode(...)` returns the same arrays plus the per-prompt `truncated` text.
+    """
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, subfolder: str | None = None) -> "Tokenizer":
+        """A tokenizer folder (vocab.json + merges.txt and/or tokenizer.json, with its configs); None -> the
+        packaged CLIP ViT-L/14 files. Never touches the network."""
+        import transformers
+
+        folder = PACKAGED if path is None else Path(path).expanduser()
+        if subfolder:
+            folder = folder / subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such tokenizer folder")
+        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+            raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.json (is this a CLIP tokenizer folder?)")
+        return cls(transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+    @property
+    def model_max_length(self) -> int:
+        return int(self.hf.model_max_length)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.hf.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.hf.eos_token_id)
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(self.hf.bos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, prompts: str | list[str], max_length: int = 77) -> Tokens:
+        """Tokenize, pad to max_length and truncate; see the class docstring."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        enc = self.hf(prompts, padding="max_length", max_length=max_length, truncation=True)
+        # verbose=False: this pass is for the report; it must not warn about its own length
+        full = self.hf(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+        truncated = []
+        for prompt, ids in zip(prompts, full):
+            if len(ids) <= max_length:
+                truncated.append(None)
+                continue
+            # kept: BOS + max_length - 2 tokens + EOS; dropped: the rest before the EOS
+            dropped = self.hf.decode(ids[max_length - 1:-1])
+            truncated.append(dropped)
+            warnings.warn(
+                f"prompt truncated to {max_length} tokens (CLIP's limit); dropped: {dropped!r} "
+                f"(from {prompt[:40]!r}...)",
+                stacklevel=2,
+            )
+        return Tokens(
+            np.asarray(enc["input_ids"], np.int32),
+            np.asarray(enc["attention_mask"], np.int32),
+            tuple(truncated),
+        )
+
+    def __call__(self, prompts: str | list[str], max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self.encode(prompts, max_length)
+        return tokens.input_ids, tokens.attention_mask
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+__all__ = ["PACKAGED", "Tokenizer", "Tokens"]
