@@ -262,6 +262,26 @@ def resolve_path(path_or_id: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{text!r}: no such model folder")
 
 
+class _ShapeOnlyRngs:
+    """Stands in for `nnx.Rngs` under `nnx.eval_shape`, where the drawn values are never used.
+
+    A real `nnx.Rngs` bumps a traced counter on every draw, and flax then asks the tracer for its sharding, which
+    costs JAX a walk over the whole trace each time, so the cost grows with the square of the parameter count
+    (the SD2 text encoder: 2.1 s with nnx.Rngs, 0.25 s with this).
+    """
+
+    def _draw(self):
+        return jax.random.key(0)
+
+    def __getattr__(self, name):  # rngs.params(), rngs.dropout(), ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._draw
+
+    def __call__(self):
+        return self._draw()
+
+
 class PretrainedModel:
     """Mixin for sdjax networks: `from_config`, `from_pretrained`, `save_pretrained`.
 
@@ -294,7 +314,7 @@ class PretrainedModel:
         """The model with shapes only (no memory, no compute): for loading and parameter counts."""
         config = cls._parse_config(config)
         return nnx.eval_shape(
-            lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype)
+            lambda: cls(config, rngs=_ShapeOnlyRngs(), dtype=dtype, param_dtype=param_dtype or dtype)
         )
 
     @classmethod
