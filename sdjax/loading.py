@@ -267,19 +267,19 @@ class _ShapeOnlyRngs:
 
     A real `nnx.Rngs` bumps a traced counter on every draw, and flax then asks the tracer for its sharding, which
     costs JAX a walk over the whole trace each time, so the cost grows with the square of the parameter count
-    (the SD2 text encoder: 2.1 s with nnx.Rngs, 0.25 s with this).
+    (SD2 text encoder 2.1 s -> 0.25 s; SDXL UNet about 100 s -> 4 s).
     """
-
-    def _draw(self):
-        return jax.random.key(0)
 
     def __getattr__(self, name):  # rngs.params(), rngs.dropout(), ...
         if name.startswith("_"):
             raise AttributeError(name)
-        return self._draw
+        return self
+
+    def __getitem__(self, name):  # rngs["params"]()
+        return self
 
     def __call__(self):
-        return self._draw()
+        return jax.random.key(0)
 
 
 class PretrainedModel:

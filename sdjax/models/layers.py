@@ -207,10 +207,13 @@ class BasicTransformerBlock(nnx.Module):
     """Self-attention, cross-attention, feed-forward, each pre-LayerNorm and residual."""
 
     def __init__(self, dim, heads, dim_head, cross_attention_dim, *, rngs, dtype, param_dtype,
-                 upcast_attention=False, attention_bias=False, activation="geglu"):
+                 upcast_attention=False, attention_bias=False, activation="geglu", only_cross_attention=False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # only_cross_attention (the x4 upscaler's disable_self_attentions): attn1 also attends to the context
+        self.only_cross_attention = only_cross_attention
         self.norm1 = layer_norm(dim, 1e-5, **kw)
-        self.attn1 = Attention(dim, heads, dim_head, bias=attention_bias, upcast_attention=upcast_attention, **kw)
+        self.attn1 = Attention(dim, heads, dim_head, cross_attention_dim if only_cross_attention else None,
+                               bias=attention_bias, upcast_attention=upcast_attention, **kw)
         self.norm2 = layer_norm(dim, 1e-5, **kw)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim, bias=attention_bias,
                                upcast_attention=upcast_attention, **kw)
@@ -218,7 +221,7 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, activation=activation, **kw)
 
     def __call__(self, x, context):
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -227,7 +230,8 @@ class Transformer2DModel(nnx.Module):
     """GroupNorm, proj_in (1x1 conv or linear), transformer blocks, proj_out, residual."""
 
     def __init__(self, channels, heads, dim_head, depth, cross_attention_dim, *, rngs, dtype, param_dtype,
-                 groups=32, use_linear_projection=False, upcast_attention=False, attention_bias=False):
+                 groups=32, use_linear_projection=False, upcast_attention=False, attention_bias=False,
+                 only_cross_attention=False):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -236,7 +240,7 @@ class Transformer2DModel(nnx.Module):
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, upcast_attention=upcast_attention,
-                                  attention_bias=attention_bias, **kw)
+                                  attention_bias=attention_bias, only_cross_attention=only_cross_attention, **kw)
             for _ in range(depth)
         ])
         self.proj_out = proj(inner, channels)
