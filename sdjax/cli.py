@@ -1,0 +1,309 @@
+"""The `sdjax` command: txt2img / img2img / inpaint bulk runs with CompVis' flags, and rerank.
+
+Thin on purpose: flags are parsed and checked here, the work is `sdjax.bulk.run_bulk` and the pipeline. Bad input
+ends with one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
+SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UsageError(f"{message} (see sdjax {self.prog.split()[-1]} --help)")
+
+
+def default_model() -> str | None:
+    """The model used when --ckpt is not given: $SDJAX_MODEL, else the one shipped with sdjax, if any."""
+    env = os.environ.get("SDJAX_MODEL")
+    if env:
+        return env
+    shipped = Path(__file__).parent / "default_model" / "pipeline"
+    return str(shipped) if (shipped / "model_index.json").is_file() else None
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
+    p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--from-file", dest="from_file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", dest="negative_prompt", help="what the images should not show")
+    p.add_argument("--n_samples", type=int, help="images per prompt in one batch (default 3)")
+    p.add_argument("--n_iter", type=int, help="how many batches per prompt (default 2)")
+    p.add_argument("--H", type=int, help="image height in pixels (default: the model's size)")
+    p.add_argument("--W", type=int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--scale", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--ddim_steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--seed", type=int, help="seed; iteration i of a prompt uses seed + i (default 42)")
+    p.add_argument("--outdir", help=f"output folder (default outputs/{mode}-samples)")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid of the run's images")
+    p.add_argument("--plms", action="store_true", help="sample with PLMS (same as --sampler pndm)")
+    p.add_argument("--dpm_solver", action="store_true", help="sample with DPM-Solver++ 2M (--sampler dpmpp_2m)")
+    p.add_argument("--sampler", help="sampler name: ddim, pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, lms, "
+                                     "heun, ddpm, unipc (default ddim)")
+    p.add_argument("--ckpt", help="a diffusers pipeline folder or hub id (default: the shipped model)")
+    p.add_argument("--precision", choices=["full", "autocast"],
+                   help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
+    p.add_argument("--config", help="a YAML run config; flags given here override its values")
+    p.add_argument("--rerank-model", dest="rerank_model", help="a CLIP model folder for reranking")
+    p.add_argument("--n-candidates", dest="n_candidates", type=int,
+                   help="generate this many images per prompt and iteration, keep the best by CLIP score")
+    p.add_argument("--keep", type=int, help="with --n-candidates: how many to keep (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run with the same flags in outdir")
+    p.add_argument("--prompts-per-batch", dest="prompts_per_batch", type=int, default=1,
+                   help="prompts generated together in one batch (fills more devices)")
+    if mode in ("img2img", "inpaint"):
+        p.add_argument("--init-img", dest="init_img", required=True, help="the starting image")
+        p.add_argument("--strength", type=float,
+                       help="how much to change it, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
+    if mode == "inpaint":
+        p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+
+
+DEFAULTS = dict(n_samples=3, n_iter=2, scale=7.5, ddim_steps=50, seed=42, sampler="ddim", keep=1)
+CONFIG_KEYS = {  # YAML key -> flag dest
+    "model": "ckpt", "ckpt": "ckpt", "sampler": "sampler", "steps": "ddim_steps", "ddim_steps": "ddim_steps",
+    "scale": "scale", "H": "H", "W": "W", "height": "H", "width": "W", "precision": "precision",
+    "seed": "seed", "n_samples": "n_samples", "n_iter": "n_iter", "negative_prompt": "negative_prompt",
+    "rerank_model": "rerank_model", "n_candidates": "n_candidates", "keep": "keep", "strength": "strength",
+    "mesh": "mesh", "prompts_per_batch": "prompts_per_batch",
+}
+
+
+def load_config(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of settings")
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    return {CONFIG_KEYS[k]: v for k, v in data.items()}
+
+
+def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
+    """Flags over config file over defaults; then checks that need no model."""
+    from sdjax.samplers import SAMPLERS
+
+    s = dict(DEFAULTS, strength=1.0 if mode == "inpaint" else 0.75)
+    if args.config:
+        s.update(load_config(args.config))
+    for k, v in vars(args).items():
+        if v is not None and v is not False:
+            s[k] = v
+    for flag, name in SAMPLER_FLAGS.items():
+        if s.get(flag):
+            s["sampler"] = name
+    if s["sampler"] not in SAMPLERS:
+        raise UsageError(f"unknown sampler {s['sampler']!r}; valid: {', '.join(SAMPLERS)}")
+    for key, flag in (("n_samples", "--n_samples"), ("n_iter", "--n_iter"), ("ddim_steps", "--ddim_steps")):
+        if int(s[key]) < 1:
+            raise UsageError(f"{flag} must be at least 1, got {s[key]}")
+    for key in ("H", "W"):
+        if s.get(key) is not None and int(s[key]) < 1:
+            raise UsageError(f"--{key} must be positive, got {s[key]}")
+    if s.get("n_candidates") is not None:
+        if int(s["n_candidates"]) < 1:
+            raise UsageError(f"--n-candidates must be at least 1, got {s['n_candidates']}")
+        if int(s["keep"]) < 1 or int(s["keep"]) > int(s["n_candidates"]):
+            raise UsageError(f"--keep must be between 1 and --n-candidates ({s['n_candidates']}), got {s['keep']}")
+        if not s.get("rerank_model"):
+            raise UsageError("--n-candidates needs --rerank-model (a CLIP model folder) to choose the best")
+    if mode != "txt2img" and not (0.0 < float(s["strength"]) <= 1.0):
+        raise UsageError(f"--strength must be in (0, 1], got {s['strength']}")
+    if s.get("precision") not in (None, "full", "autocast"):
+        raise UsageError(f"precision must be full or autocast, got {s['precision']!r}")
+    return s
+
+
+def read_prompts(s: dict) -> list[str]:
+    if s.get("from_file"):
+        path = Path(s["from_file"])
+        if not path.is_file():
+            raise UsageError(f"--from-file {path}: no such file")
+        try:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--from-file {path}: not a UTF-8 text file") from None
+        if not prompts:
+            raise UsageError(f"--from-file {path}: the file has no prompts (one prompt per line)")
+        return prompts
+    return [s.get("prompt") or DEFAULT_PROMPT]
+
+
+def _check_image(path: str, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise UsageError(f"{flag} {path}: not an image PIL can read (PNG, JPEG, ...)") from None
+
+
+def load_pipeline(s: dict):
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.pipeline import StableDiffusionPipeline, data_mesh
+
+    ckpt = s.get("ckpt") or default_model()
+    if not ckpt:
+        raise UsageError("no --ckpt given and no default model is installed: pass a diffusers pipeline folder")
+    path = Path(ckpt).expanduser()
+    if path.is_file():
+        raise UsageError(f"--ckpt {ckpt}: single-file checkpoints are not supported yet; give a diffusers folder")
+    precision = s.get("precision") or ("full" if jax.default_backend() == "cpu" else "autocast")
+    dtype = jnp.float32 if precision == "full" else jnp.bfloat16
+    mesh = None
+    if s.get("mesh"):
+        mesh = data_mesh(mesh_devices(s["mesh"]))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(ckpt, dtype=dtype, mesh=mesh)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"--ckpt {ckpt}: cannot load the model: {_one_line(e)}") from None
+    return pipe, precision, ckpt
+
+
+def mesh_devices(mesh):
+    """`mesh: {data: N}` in a run config: the first N devices (-1 or "all": every device)."""
+    import jax
+
+    n = mesh.get("data", -1) if isinstance(mesh, dict) else mesh
+    devices = jax.devices()
+    if n in (-1, "all", None):
+        return devices
+    if not isinstance(n, int) or not 1 <= n <= len(devices):
+        raise UsageError(f"mesh data size must be 1..{len(devices)} or -1 (all devices), got {n!r}")
+    return devices[:n]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def cmd_generate(args, mode: str) -> int:
+    from sdjax.bulk import RunSpec, run_bulk
+
+    s = resolve_settings(args, mode)
+    prompts = read_prompts(s)
+    if mode != "txt2img":
+        _check_image(s["init_img"], "--init-img")
+    if mode == "inpaint":
+        _check_image(s["mask"], "--mask")
+    outdir = Path(s.get("outdir") or f"outputs/{mode}-samples")
+    pipe, precision, ckpt = load_pipeline(s)
+    f = pipe.vae_scale_factor
+    for key in ("H", "W"):
+        if s.get(key) is not None and int(s[key]) % f:
+            raise UsageError(f"--{key} {s[key]} is not a multiple of {f} (this model's VAE factor); "
+                             f"try {int(s[key]) // f * f or f}")
+    reranker = None
+    if s.get("n_candidates"):
+        from sdjax.rerank import CLIPReranker
+
+        try:
+            reranker = CLIPReranker.from_pretrained(s["rerank_model"])
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise UsageError(f"--rerank-model {s['rerank_model']}: cannot load: {_one_line(e)}") from None
+    spec = RunSpec(
+        prompts=tuple(prompts), negative_prompt=s.get("negative_prompt") or "", n_samples=int(s["n_samples"]),
+        n_iter=int(s["n_iter"]), height=s.get("H"), width=s.get("W"), steps=int(s["ddim_steps"]),
+        scale=float(s["scale"]), sampler=s["sampler"], seed=int(s["seed"]), model=Path(ckpt).name or str(ckpt),
+        n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
+        strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
+    )
+    try:
+        records = run_bulk(pipe, spec, outdir, reranker=reranker, skip_grid=bool(s.get("skip_grid")),
+                           resume=bool(s.get("resume")), prompts_per_call=int(s.get("prompts_per_batch") or 1),
+                           precision=precision)
+    except ValueError as e:  # the pipeline's checks of the request
+        raise UsageError(_one_line(e)) from None
+    print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
+    return 0
+
+
+def cmd_rerank(args) -> int:
+    from PIL import Image
+
+    from sdjax.rerank import CLIPReranker
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise UsageError(f"{folder}: no images (.png, .jpg, .jpeg, .webp)")
+    if not args.model:
+        raise UsageError("--model is required: a CLIP model folder (transformers layout)")
+    try:
+        reranker = CLIPReranker.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"--model {args.model}: cannot load: {_one_line(e)}") from None
+    images = []
+    for p in files:
+        try:
+            images.append(Image.open(p).convert("RGB"))
+        except OSError:
+            raise UsageError(f"{p}: not an image PIL can read") from None
+    scores = reranker.score(images, args.prompt)
+    order = sorted(range(len(files)), key=lambda i: -scores[i])
+    result = [dict(file=files[i].name, score=float(scores[i]), rank=r) for r, i in enumerate(order)]
+    for r in result:
+        print(f"{r['score']:.4f}\t{r['file']}")
+    out = folder / "rerank.jsonl"
+    with open(out, "a") as f:
+        for r in result:
+            f.write(json.dumps(dict(r, prompt=args.prompt)) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdjax", description="Stable Diffusion in JAX")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for mode in ("txt2img", "img2img", "inpaint"):
+        _add_generation_flags(sub.add_parser(mode, help=f"{mode} bulk run"), mode)
+    r = sub.add_parser("rerank", help="score and order the images of a folder by CLIP similarity to a prompt")
+    r.add_argument("dir")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--model", "--rerank-model", dest="model", help="a CLIP model folder")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "rerank":
+            return cmd_rerank(args)
+        return cmd_generate(args, args.command)
+    except UsageError as e:
+        print(f"sdjax: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdjax: interrupted (use --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Tiny random diffusers pipelines, built with diffusers/transformers (PyTorch) and saved in the diffusers layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdjax" / "tokenizer_data"
+
+SD1_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+    clip_sample=False, skip_prk_steps=True,
+)
+SD2_SCHEDULER = dict(SD1_SCHEDULER, prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+def build_pipeline(folder: Path, *, kind: str = "sd1", unet_in_channels: int = 4, seed: int = 0) -> Path:
+    """Write a tiny random SD pipeline folder. kind "sd1": conv proj, epsilon; "sd2": linear proj, upcast
+    attention, per-block heads, gelu text encoder, v-prediction."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    sd2 = kind == "sd2"
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=unet_in_channels,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+        attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2, upcast_attention=sd2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, sample_size=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    # random weights with a spread large enough that every layer matters
+    for module in (unet, vae, text_encoder):
+        for p in module.parameters():
+            p.data.normal_(0.0, 0.05 if p.dim() > 1 else 0.02)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    scheduler = DDIMScheduler(**{k: v for k, v in (SD2_SCHEDULER if sd2 else SD1_SCHEDULER).items()
+                                 if k != "skip_prk_steps"})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth deterministic RGB image (H, W, 3) in [0, 1]."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 6.28, 3)
+    return np.stack([0.5 + 0.45 * np.sin(xx / 5 + yy / 7 + p) for p in phase], -1).astype(np.float32)
+
+
+def box_mask(h: int, w: int) -> np.ndarray:
+    m = np.zeros((h, w), np.float32)
+    m[h // 4: 3 * h // 4, w // 3: w] = 1.0
+    return m
+
+
+def build_clip(folder: Path, seed: int = 3) -> Path:
+    """A tiny random transformers CLIPModel (real vocabulary, 32x32 images) with its processor and tokenizer."""
+    import torch
+    import transformers
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "logit_scale":
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True).save_pretrained(str(folder))
+    return Path(folder)

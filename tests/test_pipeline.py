@@ -1,0 +1,255 @@
+"""End-to-end parity of sdjax's pipeline with diffusers' SD pipelines on tiny random models (fp32, CPU).
+
+Both sides get the same weights and the same random numbers: diffusers' `randn_tensor` is patched to hand out, in
+call order, the noise sdjax draws for each image (initial noise, VAE posterior samples, sampler noise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from PIL import Image  # noqa: E402
+
+import sdjax  # noqa: E402
+from sdjax import pipeline as pl  # noqa: E402
+from sdjax import samplers  # noqa: E402
+
+from pipeline_fixtures import box_mask, build_pipeline, smooth_image  # noqa: E402
+
+H, W = 32, 48  # non-square; the tiny VAE has factor 2, so latents are 16x24
+PROMPTS = ["a red circle on a blue background", "a green square"]
+NEGATIVES = ["blurry", "a yellow triangle"]
+STEPS = 4
+TOL = 5e-4
+
+
+def diffusers_scheduler(name, pipe):
+    """diffusers' scheduler for sampler `name`, made from the pipeline folder's own scheduler config (never from
+    a scheduler an earlier test swapped in)."""
+    config = json.loads((Path(pipe.name_or_path) / "scheduler" / "scheduler_config.json").read_text())
+    return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {
+        "sd1": build_pipeline(root / "sd1", kind="sd1"),
+        "sd2": build_pipeline(root / "sd2", kind="sd2"),
+        "sd1_inpaint": build_pipeline(root / "sd1_inpaint", kind="sd1", unet_in_channels=9),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipes(folders):
+    return {k: sdjax.StableDiffusionPipeline.from_pretrained(v) for k, v in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def refs(folders):
+    out = {}
+    for k, v in folders.items():
+        p = diffusers.StableDiffusionPipeline.from_pretrained(v, safety_checker=None, requires_safety_checker=False)
+        p.set_progress_bar_config(disable=True)
+        out[k] = p
+    return out
+
+
+class NoiseQueue:
+    """Replaces diffusers' randn_tensor: returns the queued arrays (NHWC numpy -> NCHW torch) in order."""
+
+    def __init__(self, arrays):
+        self.arrays = list(arrays)
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        assert self.arrays, f"diffusers asked for more noise than expected (shape {tuple(shape)})"
+        a = self.arrays.pop(0)
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+        assert tuple(t.shape) == tuple(shape), (tuple(t.shape), tuple(shape))
+        return t.to(dtype or torch.float32)
+
+
+def patch_noise(monkeypatch, arrays):
+    queue = NoiseQueue(arrays)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("diffusers") and hasattr(module, "randn_tensor"):
+            monkeypatch.setattr(module, "randn_tensor", queue, raising=False)
+    return queue
+
+
+def sdjax_noise(n_prompts, latent_shape, stream=None, seed=0):
+    keys = pl.image_keys(seed, np.arange(n_prompts), np.zeros(n_prompts, int))
+    return np.asarray(pl.image_noise(jnp.asarray(keys), latent_shape, stream))
+
+
+def step_noises(sampler, start, n_prompts, latent_shape, seed=0):
+    """The sampler noise sdjax draws at each call index (diffusers asks for it once per step)."""
+    return [sdjax_noise(n_prompts, latent_shape, pl._STREAM_STEP + i, seed) for i in range(start, 4 * STEPS + 2)]
+
+
+LATENT = (H // 2, W // 2, 4)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_txt2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
+    pipe, ref = pipes[kind], refs[kind]
+    latents = np.random.default_rng(1).standard_normal((2, *LATENT)).astype(np.float32)
+    ours = pipe(PROMPTS, NEGATIVES, height=H, width=W, num_inference_steps=STEPS, guidance_scale=7.5,
+                sampler=sampler, latents=latents, output_type="np").images
+    ref.scheduler = diffusers_scheduler(sampler, ref)
+    patch_noise(monkeypatch, step_noises(sampler, 0, 2, LATENT))
+    theirs = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=STEPS,
+                 guidance_scale=7.5, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                 output_type="np").images
+    assert ours.shape == theirs.shape == (2, H, W, 3)
+    assert np.abs(ours - theirs).max() <= TOL
+
+
+def _pil(a):
+    return Image.fromarray((a * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_img2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
+    pipe, ref = pipes[kind], refs[kind]
+    images = [_pil(smooth_image(H, W, 0)), _pil(smooth_image(H, W, 1))]
+    strength = 0.6
+    ours = pipe(PROMPTS, NEGATIVES, num_inference_steps=STEPS, guidance_scale=6.0, sampler=sampler,
+                image=images, strength=strength, output_type="np").images
+    dp = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    dp.set_progress_bar_config(disable=True)
+    dp.scheduler = diffusers_scheduler(sampler, ref)
+    start = samplers.make_sampler(sampler, pipe.scheduler_config, STEPS).index_for_strength(strength)
+    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, pl._STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)]
+                + step_noises(sampler, start, 2, LATENT))
+    theirs = dp(PROMPTS, negative_prompt=NEGATIVES, image=images, strength=strength, num_inference_steps=STEPS,
+                guidance_scale=6.0, output_type="np").images
+    assert np.abs(ours - theirs).max() <= TOL
+
+
+@pytest.mark.parametrize("kind,strength", [("sd1_inpaint", 1.0), ("sd1_inpaint", 0.7), ("sd2", 0.75)])
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_inpaint_matches_diffusers(kind, strength, sampler, pipes, refs, monkeypatch):
+    """9-channel inpainting UNet, and an ordinary UNet with mask blending."""
+    pipe, ref = pipes[kind], refs[kind]
+    images = [_pil(smooth_image(H, W, 0)), _pil(smooth_image(H, W, 2))]
+    masks = [_pil(box_mask(H, W)).convert("L")] * 2
+    ours = pipe(PROMPTS, NEGATIVES, num_inference_steps=STEPS, guidance_scale=5.0, sampler=sampler,
+                image=images, mask_image=masks, strength=strength, output_type="np").images
+    dp = diffusers.StableDiffusionInpaintPipeline(**ref.components)
+    dp.set_progress_bar_config(disable=True)
+    dp.scheduler = diffusers_scheduler(sampler, ref)
+    start = samplers.make_sampler(sampler, pipe.scheduler_config, STEPS).index_for_strength(strength)
+    nine = kind == "sd1_inpaint"
+    queue = []
+    if not (nine and strength == 1.0):
+        queue.append(sdjax_noise(2, LATENT, pl._STREAM_IMAGE_LATENTS))
+    queue.append(sdjax_noise(2, LATENT))
+    queue.append(sdjax_noise(2, LATENT, pl._STREAM_MASKED_LATENTS))
+    queue += step_noises(sampler, start, 2, LATENT)
+    patch_noise(monkeypatch, queue)
+    theirs = dp(PROMPTS, negative_prompt=NEGATIVES, image=images, mask_image=masks, strength=strength,
+                height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np").images
+    assert np.abs(ours - theirs).max() <= TOL
+
+
+def test_no_guidance_and_latent_output(pipes, refs):
+    pipe, ref = pipes["sd1"], refs["sd1"]
+    latents = np.random.default_rng(2).standard_normal((1, *LATENT)).astype(np.float32)
+    ours = pipe(PROMPTS[0], height=H, width=W, num_inference_steps=STEPS, guidance_scale=1.0, latents=latents,
+                output_type="latent").images
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    theirs = ref(PROMPTS[0], height=H, width=W, num_inference_steps=STEPS, guidance_scale=1.0,
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), output_type="latent").images
+    assert ours.shape == (1, *LATENT)
+    assert np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max() <= 1e-4
+
+
+def test_pil_output_and_num_images_per_prompt(pipes):
+    out = pipes["sd1"](PROMPTS, height=H, width=W, num_inference_steps=2, num_images_per_prompt=3).images
+    assert len(out) == 6 and all(isinstance(im, Image.Image) and im.size == (W, H) for im in out)
+    # images of a prompt differ from each other (each has its own noise)
+    a = np.asarray(out[0], np.float32)
+    assert np.abs(a - np.asarray(out[1], np.float32)).max() > 1
+
+
+def test_seed_per_prompt_reproduces_alone(pipes):
+    pipe = pipes["sd1"]
+    both = pipe(PROMPTS, height=H, width=W, num_inference_steps=2, seed=[5, 9], output_type="np").images
+    alone = pipe(PROMPTS[1], height=H, width=W, num_inference_steps=2, seed=[9], output_type="np").images
+    assert np.abs(both[1] - alone[0]).max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(height=33, width=48), "multiples of 2"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(image="img", strength=0.0), "strength"),
+        (dict(image="img", strength=1.5), "strength"),
+        (dict(negative_prompt=["a", "b", "c"]), "negative_prompt"),
+        (dict(sampler="nope"), "nope"),
+        (dict(output_type="jpg"), "output_type"),
+        (dict(latents=np.zeros((2, 3, 3, 4), np.float32)), "latents"),
+    ],
+)
+def test_bad_input_raises_one_line_value_error(pipes, kwargs, words):
+    if kwargs.get("image") == "img":
+        kwargs = dict(kwargs, image=_pil(smooth_image(H, W)))
+    call = dict(prompt=PROMPTS, height=H, width=W, num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(ValueError) as e:
+        pipes["sd1"](**call)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bfloat16_close_to_float32(folders):
+    fp32 = sdjax.StableDiffusionPipeline.from_pretrained(folders["sd1"])
+    bf16 = sdjax.StableDiffusionPipeline.from_pretrained(folders["sd1"], dtype=jnp.bfloat16)
+    a = fp32(PROMPTS, NEGATIVES, height=H, width=W, num_inference_steps=STEPS, output_type="np").images
+    b = bf16(PROMPTS, NEGATIVES, height=H, width=W, num_inference_steps=STEPS, output_type="np").images
+    assert np.isfinite(b).all()
+    diff = np.abs(a - b)
+    print(f"bf16 vs fp32: max abs diff {diff.max():.4f}, mean {diff.mean():.5f}")
+    assert diff.mean() < 0.02 and diff.max() < 0.15
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax
+    import sdjax
+    assert len(jax.devices()) == int(sys.argv[3]), jax.devices()
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(sys.argv[1])
+    prompts = ["a red circle", "a blue square", "a white triangle"]
+    out = pipe(prompts, ["", "dark", ""], height=32, width=48, num_inference_steps=3, sampler=sys.argv[4],
+               num_images_per_prompt=2, seed=7, output_type="np").images
+    np.save(sys.argv[2], out)
+""")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_same_images_on_1_and_8_devices(folders, tmp_path, sampler):
+    """A batch of 6 on 8 fake CPU devices (padded to 8) equals the 1-device result."""
+    script = tmp_path / "run.py"
+    script.write_text(MULTI_DEVICE_SCRIPT)
+    results = {}
+    for n in (1, 8):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        out = tmp_path / f"out{n}.npy"
+        subprocess.run([sys.executable, str(script), str(folders["sd2"]), str(out), str(n), sampler],
+                       check=True, env=env, timeout=900)
+        results[n] = np.load(out)
+    assert results[1].shape == (6, 32, 48, 3)
+    assert np.abs(results[1] - results[8]).max() <= 1e-5
