@@ -59,7 +59,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
                    help="generate this many images per prompt and iteration, keep the best by CLIP score")
     p.add_argument("--keep", type=int, help="with --n-candidates: how many to keep (default 1)")
     p.add_argument("--resume", action="store_true", help="continue a killed run with the same flags in outdir")
-    p.add_argument("--prompts-per-batch", dest="prompts_per_batch", type=int, default=1,
+    p.add_argument("--prompts-per-batch", dest="prompts_per_batch", type=int,
                    help="prompts generated together in one batch (fills more devices)")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init-img", dest="init_img", required=True, help="the starting image")

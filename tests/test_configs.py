@@ -1,0 +1,46 @@
+"""Every run config in configs/ parses, and flags override its values."""
+from pathlib import Path
+
+import pytest
+
+from sdjax import cli
+from sdjax.samplers import SAMPLERS
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def settings(argv):
+    args = cli.build_parser().parse_args(argv)
+    return cli.resolve_settings(args, args.command)
+
+
+def test_there_are_configs_for_each_model_family():
+    assert {p.stem for p in CONFIGS} >= {"sd15", "sd21", "sdxl", "tiny"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses(path):
+    raw = cli.load_config(str(path))
+    assert raw, path
+    s = settings(["txt2img", "--config", str(path)])
+    assert s["sampler"] in SAMPLERS
+    assert int(s["ddim_steps"]) >= 1 and float(s["scale"]) > 0
+    assert int(s["H"]) % 8 == 0 and int(s["W"]) % 8 == 0
+    assert s["precision"] in ("full", "autocast")
+    assert cli.mesh_devices(s["mesh"])  # every device by default
+
+
+def test_flags_override_config():
+    path = str(CONFIGS[0])
+    s = settings(["txt2img", "--config", path, "--ddim_steps", "7", "--sampler", "euler", "--H", "256"])
+    assert (s["ddim_steps"], s["sampler"], s["H"]) == (7, "euler", 256)
+    assert settings(["txt2img", "--config", path, "--plms"])["sampler"] == "pndm"
+
+
+def test_bad_config_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 10\ncolour: red\n")
+    with pytest.raises(cli.UsageError, match="unknown keys colour"):
+        cli.load_config(str(bad))
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli.load_config(str(tmp_path / "missing.yaml"))
