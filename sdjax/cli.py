@@ -275,6 +275,88 @@ def cmd_rerank(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """`sdjax train vae|clip|unet`: one stage of `sdjax.train.train_stage`."""
+    import numpy as np
+
+    from sdjax.train import TrainConfig, train_stage
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    for flag, value in (("--data", args.data), ("--vae", args.vae), ("--clip", args.clip),
+                        ("--pipeline", args.pipeline)):
+        if value is not None and not Path(value).is_dir():
+            raise UsageError(f"{flag} {value}: no such folder")
+    if args.data is not None and not (Path(args.data) / "captions.jsonl").is_file():
+        raise UsageError(f"--data {args.data}: no captions.jsonl (one {{\"file\": ..., \"caption\": ...}} per line)")
+    if args.stage == "unet" and args.pipeline is None and (args.vae is None or args.clip is None):
+        raise UsageError("train unet needs --vae and --clip (trained folders), or --pipeline to fine-tune")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup=min(args.warmup, max(args.steps - 1, 1)), seed=args.seed,
+                      checkpoint_every=args.checkpoint_every)
+    try:
+        result = train_stage(args.stage, args.out, cfg, data=args.data, vae=args.vae, clip=args.clip,
+                             pipeline=args.pipeline, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                             dtype=np.float16 if args.fp16 else None)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise UsageError(_one_line(e)) from None
+    losses = result["losses"]
+    print(f"sdjax: {args.stage} trained {args.steps} steps (last loss {float(losses[-1]):.4f}); "
+          f"saved in {result['out']}")
+    return 0
+
+
+def cmd_eval_tiny(args) -> int:
+    """`sdjax eval-tiny`: prompt-following accuracy on the held-out shapes combinations."""
+    from sdjax.evaluate import evaluate_tiny, markdown_table, save_result
+
+    if args.n_candidates < 1 or args.steps < 1:
+        raise UsageError("--n-candidates and --steps must be at least 1")
+    ckpt = args.ckpt or default_model()
+    if not ckpt:
+        raise UsageError("no --ckpt given and no default model is installed")
+    try:
+        result = evaluate_tiny(ckpt, args.rerank_model, n_candidates=args.n_candidates, steps=args.steps,
+                               scale=args.scale, seed=args.seed, save_dir=args.save_images)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(_one_line(e)) from None
+    print(markdown_table(result))
+    if args.json:
+        save_result(result, args.json)
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    t = sub.add_parser("train", help="train a VAE, CLIP or UNet (synthetic shapes, or --data images)")
+    t.add_argument("stage", choices=["vae", "clip", "unet"])
+    t.add_argument("--out", required=True, help="output folder (unet: a whole diffusers pipeline)")
+    t.add_argument("--data", help="folder of images + captions.jsonl (default: the synthetic shapes data set)")
+    t.add_argument("--vae", help="unet: a trained VAE folder")
+    t.add_argument("--clip", help="unet: a trained CLIP folder (its text tower conditions the UNet)")
+    t.add_argument("--pipeline", help="unet: fine-tune this pipeline's UNet (uses its VAE and text encoder)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="global batch (split over devices)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="default: <out>.checkpoints next to --out")
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=200)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    t.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    e = sub.add_parser("eval-tiny", help="prompt-following accuracy of a shapes model on held-out combinations")
+    e.add_argument("--ckpt", help="pipeline folder (default: the shipped model)")
+    e.add_argument("--rerank-model", dest="rerank_model", help="CLIP folder (default: the shipped CLIP)")
+    e.add_argument("--n-candidates", dest="n_candidates", type=int, default=4)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--scale", type=float, default=7.5)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="also write all results to this JSON file")
+    e.add_argument("--save-images", dest="save_images", help="also save every generated image in this folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdjax", description="Stable Diffusion in JAX")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -284,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--prompt", required=True)
     r.add_argument("--model", "--rerank-model", dest="model", help="a CLIP model folder")
+    d = sub.add_parser("demo", help='a Gradio web UI (needs: pip install "sdjax[demo]")')
+    d.add_argument("--ckpt", help="a diffusers pipeline folder or hub id (default: the shipped model)")
+    d.add_argument("--rerank-model", dest="rerank_model",
+                   help="a CLIP model folder for ordering candidates (default: the shipped CLIP, if any)")
+    d.add_argument("--refiner", help="a second pipeline folder run as an img2img refiner (optional)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
+    _add_train_parsers(sub)
     return parser
 
 
@@ -296,6 +386,14 @@ def main(argv=None) -> int:
             return 2
         if args.command == "rerank":
             return cmd_rerank(args)
+        if args.command == "demo":
+            from sdjax.demo import cmd_demo
+
+            return cmd_demo(args)
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval-tiny":
+            return cmd_eval_tiny(args)
         return cmd_generate(args, args.command)
     except UsageError as e:
         print(f"sdjax: error: {_one_line(e)}", file=sys.stderr)
@@ -306,4 +404,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sdjax.cli`: run the imported module's main, so that errors raised as sdjax.cli.UsageError by other
+    # modules (sdjax.demo) are the class main() catches, not a second copy of it in __main__
+    from sdjax.cli import main as _main
+
+    sys.exit(_main())

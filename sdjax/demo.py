@@ -1,0 +1,243 @@
+"""A Gradio web UI: prompt in, a gallery of candidates ordered by CLIP score out, with each image's PNG metadata.
+
+    sdjax demo [--ckpt PATH] [--rerank-model PATH] [--refiner PATH] [--host 127.0.0.1] [--port 7860]
+
+The work is `generate` (a plain function, usable and tested without Gradio); `build_demo` only lays out the
+controls. One generation = one pipeline call of `n_candidates` images (image i keyed by fold_in(key(seed), i),
+as everywhere in sdjax), an optional img2img refiner pass, then CLIP scoring. Every image is written as a PNG with
+the AUTOMATIC1111 `parameters` chunk, so a downloaded file carries its settings. Gradio is imported only here
+(`pip install "sdjax[demo]"`); the server binds to 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import tempfile
+import uuid
+from pathlib import Path
+
+REFINER_STRENGTH = 0.3  # the refiner re-noises the image this far and denoises it again (SDXL's base/refiner split)
+MAX_SEED = 2**31 - 1
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One generated image: its file (PNG with metadata), CLIP score (None without reranking) and settings."""
+
+    path: str
+    score: float | None
+    batch_position: int
+    parameters: str  # the A1111 `parameters` text stored in the PNG
+
+    def caption(self, rank: int) -> str:
+        score = "" if self.score is None else f"  CLIP {self.score:.2f}"
+        return f"#{rank + 1}{score}  (pos {self.batch_position})"
+
+
+def refiner_schedule(steps: int, strength: float = REFINER_STRENGTH) -> int:
+    """Scheduler length whose last `strength` part is `steps` steps (img2img runs int(length * strength))."""
+    n = math.ceil(steps / strength)
+    while int(n * strength) < steps:
+        n += 1
+    return n
+
+
+def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: float = 7.5, width: int | None = None,
+             height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
+             n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
+             outdir: str | os.PathLike | None = None) -> list[Candidate]:
+    """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
+    batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
+
+    With a `refiner` (another `StableDiffusionPipeline`) and `refiner_steps` > 0, every image then goes through an
+    img2img pass of the refiner at strength REFINER_STRENGTH that runs `refiner_steps` denoising steps.
+    """
+    from PIL import PngImagePlugin
+
+    from sdjax.bulk import a1111_parameters
+
+    prompt = prompt or ""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: describe the image to generate")
+    n = int(n_candidates)
+    if n < 1:
+        raise ValueError(f"the number of candidates must be at least 1, got {n_candidates}")
+    kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed))
+    images = pipe(prompt, negative_prompt or "", height=int(height) if height else None,
+                  width=int(width) if width else None, num_inference_steps=int(steps), num_images_per_prompt=n,
+                  output_type="pil", **kw).images
+    extra = {}
+    if refiner is not None and int(refiner_steps) > 0:
+        images = refiner([prompt] * n, negative_prompt or "", image=images, strength=REFINER_STRENGTH,
+                         num_inference_steps=refiner_schedule(int(refiner_steps)), output_type="pil", **kw).images
+        extra = {"Refiner": refiner.name or "refiner", "Refiner steps": int(refiner_steps),
+                 "Refiner strength": REFINER_STRENGTH}
+    scores = [None] * n
+    order = list(range(n))
+    if reranker is not None:
+        scores = [float(s) for s in reranker.score(images, prompt)]
+        order = sorted(order, key=lambda k: -scores[k])  # stable: ties keep batch order
+
+    outdir = Path(outdir or tempfile.mkdtemp(prefix="sdjax-demo-"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in order:
+        im = images[k]
+        params = a1111_parameters(
+            prompt, negative_prompt or "", steps=int(steps), sampler=sampler, scale=float(guidance_scale),
+            seed=int(seed), width=im.width, height=im.height, model=pipe.name,
+            extra={"Batch pos": k, **extra, **({"CLIP score": f"{scores[k]:.4f}"} if scores[k] is not None else {})},
+        )
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", params)
+        path = outdir / f"{uuid.uuid4().hex[:12]}.png"
+        im.save(path, format="PNG", pnginfo=info)
+        out.append(Candidate(path=str(path), score=scores[k], batch_position=k, parameters=params))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradio
+
+
+def _gradio():
+    try:
+        import gradio
+    except ImportError:
+        from sdjax.cli import UsageError
+
+        raise UsageError('the demo needs Gradio: pip install "sdjax[demo]"') from None
+    return gradio
+
+
+def build_demo(pipe, reranker=None, refiner=None):
+    """The UI for `pipe` (a `StableDiffusionPipeline`), with CLIP reranking if `reranker` (a `CLIPReranker`) is
+    given and a refiner-steps control if `refiner` (a second pipeline) is. Returns a `gr.Blocks`; its `generate`
+    endpoint (api_name "generate") takes the controls in the order they are listed below and returns the gallery,
+    the best image's metadata and the seed used."""
+    gr = _gradio()
+    from sdjax.samplers import SAMPLERS
+
+    f = pipe.vae_scale_factor
+    size = pipe.default_size
+    outdir = Path(tempfile.mkdtemp(prefix="sdjax-demo-"))
+
+    def run(prompt, negative, scale, width, height, steps, refiner_steps, seed, randomize, sampler, n_candidates,
+            rerank):
+        seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
+        try:
+            candidates = generate(
+                pipe, prompt, negative, guidance_scale=scale, width=width, height=height, steps=steps,
+                sampler=sampler, seed=seed, n_candidates=n_candidates,
+                reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
+                outdir=outdir,
+            )
+        except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
+            raise gr.Error(" ".join(str(e).split())) from None
+        gallery = [(c.path, c.caption(r)) for r, c in enumerate(candidates)]
+        return gallery, candidates[0].parameters, seed, [c.parameters for c in candidates]
+
+    def show_parameters(parameters, evt):
+        return parameters[evt.index] if parameters and evt.index is not None else ""
+
+    show_parameters.__annotations__["evt"] = gr.SelectData  # Gradio fills arguments by type; gr is not global
+
+    devices = pipe.mesh.devices.size
+    header = (f"### sdjax: {pipe.name or 'Stable Diffusion'}\n{devices} device(s); default size {size}x{size}; "
+              + ("candidates ordered by CLIP score." if reranker is not None else "no CLIP model loaded (no reranking)."))
+    with gr.Blocks(title="sdjax demo", analytics_enabled=False) as demo:
+        gr.Markdown(header)
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photograph of an astronaut riding a horse")
+                negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                with gr.Row():
+                    scale = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance scale")
+                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                    refiner_steps = gr.Slider(0, 50, value=10 if refiner is not None else 0, step=1,
+                                              label="Refiner steps", visible=refiner is not None)
+                with gr.Row():
+                    width = gr.Slider(4 * f, max(1024, 2 * size), value=size, step=f, label="Width")
+                    height = gr.Slider(4 * f, max(1024, 2 * size), value=size, step=f, label="Height")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    randomize = gr.Checkbox(value=True, label="Randomize seed")
+                    sampler = gr.Dropdown(list(SAMPLERS), value="dpmpp_2m", label="Sampler")
+                with gr.Row():
+                    n_candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates")
+                    rerank = gr.Checkbox(value=reranker is not None, interactive=reranker is not None,
+                                         label="Order by CLIP score")
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Candidates, best first", columns=4, object_fit="contain", format="png")
+                parameters = gr.Textbox(label="PNG metadata (parameters) of the selected image", lines=4,
+                                        interactive=False)
+        per_image = gr.State([])
+        inputs = [prompt, negative, scale, width, height, steps, refiner_steps, seed, randomize, sampler,
+                  n_candidates, rerank]
+        outputs = [gallery, parameters, seed, per_image]
+        button.click(run, inputs, outputs, api_name="generate")
+        prompt.submit(run, inputs, outputs, api_name=False)
+        gallery.select(show_parameters, [per_image], [parameters], api_name=False)
+    demo.sdjax_outdir = outdir  # where the PNGs go (for launch's allowed_paths)
+    return demo
+
+
+def default_clip(with_shipped: bool = True) -> str | None:
+    """The CLIP used for reranking when none is named: $SDJAX_CLIP, else (with_shipped, i.e. when the shipped
+    pipeline is used) the CLIP shipped with sdjax, if installed."""
+    env = os.environ.get("SDJAX_CLIP")
+    if env:
+        return env
+    shipped = Path(__file__).parent / "default_model" / "clip"
+    return str(shipped) if with_shipped and (shipped / "config.json").is_file() else None
+
+
+def load_models(model=None, rerank_model=None, refiner_model=None):
+    """(pipe, reranker or None, refiner or None); defaults: the shipped model (or $SDJAX_MODEL) and CLIP."""
+    from sdjax.cli import UsageError, _one_line, load_pipeline
+
+    pipe, _, _ = load_pipeline({"ckpt": model})
+    refiner = None
+    if refiner_model:
+        refiner, _, _ = load_pipeline({"ckpt": refiner_model})
+    if rerank_model is None:
+        rerank_model = default_clip(with_shipped=not model)
+    reranker = None
+    if rerank_model:
+        from sdjax.rerank import CLIPReranker
+
+        try:
+            reranker = CLIPReranker.from_pretrained(rerank_model)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise UsageError(f"--rerank-model {rerank_model}: cannot load: {_one_line(e)}") from None
+    return pipe, reranker, refiner
+
+
+def launch(model=None, rerank_model=None, host: str = "127.0.0.1", port: int | None = None, refiner_model=None,
+           block: bool = True):
+    """Load the models and serve the UI on http://host:port (port None: Gradio's 7860 or the next free one).
+    block=False returns the running `gr.Blocks` (close it with `.close()`)."""
+    _gradio()
+    pipe, reranker, refiner = load_models(model, rerank_model, refiner_model)
+    demo = build_demo(pipe, reranker, refiner)
+    demo.queue(default_concurrency_limit=1)  # one generation at a time: the devices are shared by all users
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
+                allowed_paths=[str(demo.sdjax_outdir)], share=False)
+    return demo
+
+
+def cmd_demo(args) -> int:
+    """`sdjax demo`: flags from sdjax.cli."""
+    from sdjax.cli import UsageError
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    _gradio()
+    launch(args.ckpt, args.rerank_model, host=args.host, port=args.port, refiner_model=args.refiner)
+    return 0
+
+
+__all__ = ["Candidate", "build_demo", "default_clip", "generate", "launch", "load_models"]
