@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "StableDiffusionPipeline": "sdjax.pipeline",
+    "StableDiffusionXLPipeline": "sdjax.pipeline",
     "CLIPReranker": "sdjax.rerank",
 }
 

@@ -10,7 +10,6 @@ import dataclasses
 import warnings
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
