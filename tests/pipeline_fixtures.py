@@ -15,9 +15,11 @@ SD1_SCHEDULER = dict(
 SD2_SCHEDULER = dict(SD1_SCHEDULER, prediction_type="v_prediction", timestep_spacing="trailing")
 
 
-def build_pipeline(folder: Path, *, kind: str = "sd1", unet_in_channels: int = 4, seed: int = 0) -> Path:
+def build_pipeline(folder: Path, *, kind: str = "sd1", unet_in_channels: int = 4, seed: int = 0,
+                   narrow: bool = False) -> Path:
     """Write a tiny random SD pipeline folder. kind "sd1": conv proj, epsilon; "sd2": linear proj, upcast
-    attention, per-block heads, gelu text encoder, v-prediction."""
+    attention, per-block heads, gelu text encoder, v-prediction. narrow=True: small weights and norm gains, a
+    model that damps float32 rounding instead of amplifying it (images stay near grey)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -40,10 +42,16 @@ def build_pipeline(folder: Path, *, kind: str = "sd1", unet_in_channels: int = 4
         max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
-    # random weights with a spread large enough that every layer matters
-    for module in (unet, vae, text_encoder):
-        for p in module.parameters():
-            p.data.normal_(0.0, 0.05 if p.dim() > 1 else 0.02)
+    # Random weights with a spread large enough that every layer and every conditioning input matters: norm gains
+    # near 1 (near-zero gains flatten every image to grey and hide conditioning bugs), other weights wide.
+    for module, std in ((unet, 0.05), (vae, 0.1), (text_encoder, 0.1)):
+        for name, p in module.named_parameters():
+            if narrow:
+                p.data.normal_(0.0, 0.05 if p.dim() > 1 else 0.02)
+            elif p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.data.normal_(1.0, 0.1)
+            else:
+                p.data.normal_(0.0, std)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     scheduler = DDIMScheduler(**{k: v for k, v in (SD2_SCHEDULER if sd2 else SD1_SCHEDULER).items()
                                  if k != "skip_prk_steps"})

@@ -189,8 +189,12 @@ def test_pil_output_and_num_images_per_prompt(pipes):
 def test_seed_per_prompt_reproduces_alone(pipes):
     pipe = pipes["sd1"]
     both = pipe(PROMPTS, height=H, width=W, num_inference_steps=2, seed=[5, 9], output_type="np").images
+    # An image depends on its prompt and seed only, not on its place in the batch. (Alone, in a batch of one, it
+    # differs by float32 rounding only: XLA's CPU kernels round differently for another batch size.)
+    swapped = pipe(PROMPTS[::-1], height=H, width=W, num_inference_steps=2, seed=[9, 5], output_type="np").images
+    assert np.abs(both[::-1] - swapped).max() <= 1e-6
     alone = pipe(PROMPTS[1], height=H, width=W, num_inference_steps=2, seed=[9], output_type="np").images
-    assert np.abs(both[1] - alone[0]).max() <= 1e-5
+    assert np.abs(both[1] - alone[0]).max() <= 1e-4
 
 
 @pytest.mark.parametrize(
@@ -239,17 +243,34 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
-def test_same_images_on_1_and_8_devices(folders, tmp_path, sampler):
-    """A batch of 6 on 8 fake CPU devices (padded to 8) equals the 1-device result."""
+@pytest.fixture(scope="module")
+def narrow_sd2(tmp_path_factory):
+    return build_pipeline(tmp_path_factory.mktemp("pipes") / "sd2_narrow", kind="sd2", narrow=True)
+
+
+def _run_on_devices(folder, tmp_path, sampler):
     script = tmp_path / "run.py"
     script.write_text(MULTI_DEVICE_SCRIPT)
     results = {}
     for n in (1, 8):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         out = tmp_path / f"out{n}.npy"
-        subprocess.run([sys.executable, str(script), str(folders["sd2"]), str(out), str(n), sampler],
+        subprocess.run([sys.executable, str(script), str(folder), str(out), str(n), sampler],
                        check=True, env=env, timeout=900)
         results[n] = np.load(out)
     assert results[1].shape == (6, 32, 48, 3)
-    assert np.abs(results[1] - results[8]).max() <= 1e-5
+    return np.abs(results[1] - results[8]).max()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_same_images_on_1_and_8_devices(narrow_sd2, tmp_path, sampler):
+    """A batch of 6 on 8 fake CPU devices (padded to 8) equals the 1-device result: the seeding, padding and
+    cutting back do not depend on the device count."""
+    assert _run_on_devices(narrow_sd2, tmp_path, sampler) <= 1e-5
+
+
+def test_device_count_changes_only_rounding_on_a_wide_model(folders, tmp_path):
+    """On a model with wide weights, float32 rounding is amplified: XLA's CPU kernels round differently for a
+    per-device batch of 6 than of 1, and the images differ by a few 1e-5 (measured 2.4e-5 to 3.5e-5). A seeding
+    or padding fault would differ by O(0.1)."""
+    assert _run_on_devices(folders["sd2"], tmp_path, "euler_a") <= 1e-4
