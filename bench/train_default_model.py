@@ -1,0 +1,83 @@
+"""Re-make the model shipped in sdjax/default_model/ (VAE, then CLIP, then UNet on the synthetic shapes data).
+
+    python bench/train_default_model.py --work /tmp/tiny_run            # all stages, then install
+    python bench/train_default_model.py --work /tmp/tiny_run --stage vae  # one stage (resumes after a kill)
+
+Each stage is `sdjax.train.train_stage` (the same as `sdjax train <stage>`), checkpointed under --work and resumed
+when run again; --install copies the fp16 weights into sdjax/default_model/{pipeline,clip}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sdjax import train
+
+# Sized for 2 shared CPU cores (about 40 minutes in all).
+STEPS = {"vae": 2500, "clip": 500, "unet": 2800}
+SETTINGS = {
+    "vae": dict(batch_size=16, lr=2e-3, warmup=50, kl_weight=1e-3, crop=32),
+    "clip": dict(batch_size=64, lr=1e-3, warmup=50),
+    "unet": dict(batch_size=16, lr=1e-3, warmup=100, cfg_dropout=0.1),
+}
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "sdjax" / "default_model"
+
+
+def run_stage(stage: str, work: Path, steps: int) -> dict:
+    cfg = train.TrainConfig(steps=steps, ema_decay=0.995, checkpoint_every=100, log_every=20, **SETTINGS[stage])
+    out = work / ("pipeline" if stage == "unet" else stage)
+    extra = dict(vae=work / "vae", clip=work / "clip") if stage == "unet" else {}
+    t0 = time.time()
+    result = train.train_stage(stage, out, cfg, checkpoint_dir=work / f"{stage}.checkpoints", resume=True,
+                               **extra)
+    losses = result["losses"]
+    summary = dict(stage=stage, steps=steps, seconds=round(time.time() - t0, 1),
+                   first_loss=float(losses[:20].mean()), final_loss=float(losses[-100:].mean()),
+                   **{k: v for k, v in result.items() if k == "scaling_factor"}, settings=SETTINGS[stage])
+    with open(work / "summary.jsonl", "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    print(summary)
+    return summary
+
+
+def install(work: Path, dest: Path = DEFAULT_MODEL) -> None:
+    """fp16 copies of the trained pipeline and CLIP model into `dest`."""
+    from sdjax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
+
+    pipe = work / "pipeline"
+    tmp = dest.parent / (dest.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train.write_pipeline(
+        tmp / "pipeline", vae=AutoencoderKL.from_pretrained(pipe, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(pipe, subfolder="text_encoder"),
+        unet=UNet2DConditionModel.from_pretrained(pipe, subfolder="unet"), dtype=np.float16,
+    )
+    train.write_clip_folder(CLIPModel.from_pretrained(work / "clip"), tmp / "clip", dtype=np.float16)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"installed {dest} ({size / 2**20:.1f} MiB)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="folder for checkpoints and full-precision outputs")
+    p.add_argument("--stage", choices=[*train.STAGES, "all"], default="all")
+    p.add_argument("--install", action="store_true", help="copy the result into sdjax/default_model")
+    for stage in train.STAGES:
+        p.add_argument(f"--{stage}-steps", type=int, default=STEPS[stage])
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    for stage in train.STAGES if a.stage == "all" else [a.stage]:
+        run_stage(stage, a.work, getattr(a, f"{stage}_steps"))
+    if a.install or a.stage == "all":
+        install(a.work)
+
+
+if __name__ == "__main__":
+    main()
