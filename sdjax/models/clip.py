@@ -88,13 +88,18 @@ class CLIPTextConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model_type"] = "clip_text_model"
-        if self.architectures is None:
-            del d["architectures"]
-        else:
-            d["architectures"] = list(self.architectures)
-        return d
+        return _tower_dict(self, "clip_text_model")
+
+
+def _tower_dict(config, model_type: str) -> dict:
+    """A tower config as transformers writes it: its fields, `model_type`, `architectures` only when set."""
+    d = dataclasses.asdict(config)
+    d["model_type"] = model_type
+    if config.architectures is None:
+        del d["architectures"]
+    else:
+        d["architectures"] = list(config.architectures)
+    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +145,7 @@ class CLIPVisionConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model_type"] = "clip_vision_model"
-        if self.architectures is None:
-            del d["architectures"]
-        else:
-            d["architectures"] = list(self.architectures)
-        return d
+        return _tower_dict(self, "clip_vision_model")
 
 
 @dataclasses.dataclass(frozen=True)
