@@ -97,3 +97,22 @@ def build_clip(folder: Path, seed: int = 3) -> Path:
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True).save_pretrained(str(folder))
     return Path(folder)
+
+
+def run_on_devices(tmp_path: Path, script: str, *args: str, counts=(1, 8)) -> dict:
+    """Run `script` once per fake CPU device count, each in a fresh process, as `run.py *args OUT.npy COUNT`;
+    the script saves one array to OUT.npy. Returns {device count: that array}."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    results = {}
+    for n in counts:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        out = tmp_path / f"out{n}.npy"
+        subprocess.run([sys.executable, str(path), *map(str, args), str(out), str(n)],
+                       check=True, env=env, timeout=900)
+        results[n] = np.load(out)
+    return results

@@ -6,8 +6,6 @@ call order, the noise sdjax draws for each image (initial noise, VAE posterior s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,7 +23,7 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import box_mask, build_pipeline, smooth_image  # noqa: E402
+from pipeline_fixtures import box_mask, build_pipeline, run_on_devices, smooth_image  # noqa: E402
 
 H, W = 32, 48  # non-square; the tiny VAE has factor 2, so latents are 16x24
 PROMPTS = ["a red circle on a blue background", "a green square"]
@@ -234,12 +232,12 @@ def test_bfloat16_close_to_float32(folders):
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
     import sdjax
-    assert len(jax.devices()) == int(sys.argv[3]), jax.devices()
+    assert len(jax.devices()) == int(sys.argv[4]), jax.devices()
     pipe = sdjax.StableDiffusionPipeline.from_pretrained(sys.argv[1])
     prompts = ["a red circle", "a blue square", "a white triangle"]
-    out = pipe(prompts, ["", "dark", ""], height=32, width=48, num_inference_steps=3, sampler=sys.argv[4],
+    out = pipe(prompts, ["", "dark", ""], height=32, width=48, num_inference_steps=3, sampler=sys.argv[2],
                num_images_per_prompt=2, seed=7, output_type="np").images
-    np.save(sys.argv[2], out)
+    np.save(sys.argv[3], out)
 """)
 
 
@@ -249,15 +247,7 @@ def narrow_sd2(tmp_path_factory):
 
 
 def _run_on_devices(folder, tmp_path, sampler):
-    script = tmp_path / "run.py"
-    script.write_text(MULTI_DEVICE_SCRIPT)
-    results = {}
-    for n in (1, 8):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        out = tmp_path / f"out{n}.npy"
-        subprocess.run([sys.executable, str(script), str(folder), str(out), str(n), sampler],
-                       check=True, env=env, timeout=900)
-        results[n] = np.load(out)
+    results = run_on_devices(tmp_path, MULTI_DEVICE_SCRIPT, folder, sampler)
     assert results[1].shape == (6, 32, 48, 3)
     return np.abs(results[1] - results[8]).max()
 

@@ -7,9 +7,6 @@ of factor 2; the refiner-like pipeline has only text_encoder_2 and `requires_aes
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import TOKENIZER_DIR, smooth_image  # noqa: E402
+from pipeline_fixtures import TOKENIZER_DIR, run_on_devices, smooth_image  # noqa: E402
 from test_pipeline import _pil, diffusers_scheduler, patch_noise, sdjax_noise  # noqa: E402
 
 H, W = 32, 48  # non-square; latents 16x24
@@ -290,14 +287,6 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 def test_same_images_on_1_and_8_devices(folders, tmp_path):
     """Base -> refiner, a batch of 6 on 8 fake CPU devices (padded to 8), equals the 1-device result."""
-    script = tmp_path / "run.py"
-    script.write_text(MULTI_DEVICE_SCRIPT)
-    results = {}
-    for n in (1, 8):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        out = tmp_path / f"out{n}.npy"
-        subprocess.run([sys.executable, str(script), str(folders["base"]), str(folders["refiner"]), str(out), str(n)],
-                       check=True, env=env, timeout=900)
-        results[n] = np.load(out)
+    results = run_on_devices(tmp_path, MULTI_DEVICE_SCRIPT, folders["base"], folders["refiner"])
     assert results[1].shape == (6, 32, 48, 3)
     assert report("1 vs 8 devices", results[1], results[8]) <= 1e-5
