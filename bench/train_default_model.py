@@ -4,7 +4,9 @@
     python bench/train_default_model.py --work /tmp/tiny_run --stage vae  # one stage (resumes after a kill)
 
 Each stage is `sdjax.train.train_stage` (the same as `sdjax train <stage>`), checkpointed under --work and resumed
-when run again; --install copies the fp16 weights into sdjax/default_model/{pipeline,clip}.
+when run again; --install copies the fp16 weights into sdjax/default_model/{pipeline,clip}. The UNet is trained in
+two runs: "unet" from scratch (batch 16), then "unet_ft" continues from its EMA weights with a new seed (new
+batches), a larger batch and a lower learning rate (= `sdjax train unet --pipeline work/pipeline ...`).
 """
 from __future__ import annotations
 
@@ -19,22 +21,26 @@ import numpy as np
 from sdjax import train
 
 # Sized for 2 shared CPU cores (about 40 minutes in all).
-STEPS = {"vae": 2500, "clip": 500, "unet": 2800}
+STAGES = (*train.STAGES, "unet_ft")
+STEPS = {"vae": 2500, "clip": 500, "unet": 2800, "unet_ft": 4000}
 SETTINGS = {
     "vae": dict(batch_size=16, lr=2e-3, warmup=50, kl_weight=1e-3, crop=32),
     "clip": dict(batch_size=64, lr=1e-3, warmup=50),
     "unet": dict(batch_size=16, lr=1e-3, warmup=100, cfg_dropout=0.1),
+    "unet_ft": dict(batch_size=32, lr=5e-4, warmup=100, cfg_dropout=0.1, seed=1, ema_decay=0.999),
 }
+OUT = {"unet": "pipeline", "unet_ft": "pipeline_ft"}
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "sdjax" / "default_model"
 
 
 def run_stage(stage: str, work: Path, steps: int) -> dict:
-    cfg = train.TrainConfig(steps=steps, ema_decay=0.995, checkpoint_every=100, log_every=20, **SETTINGS[stage])
-    out = work / ("pipeline" if stage == "unet" else stage)
-    extra = dict(vae=work / "vae", clip=work / "clip") if stage == "unet" else {}
+    settings = {"ema_decay": 0.995, **SETTINGS[stage]}
+    cfg = train.TrainConfig(steps=steps, checkpoint_every=100, log_every=20, **settings)
+    out = work / OUT.get(stage, stage)
+    extra = {"unet": dict(vae=work / "vae", clip=work / "clip"), "unet_ft": dict(pipeline=work / "pipeline")}
     t0 = time.time()
-    result = train.train_stage(stage, out, cfg, checkpoint_dir=work / f"{stage}.checkpoints", resume=True,
-                               **extra)
+    result = train.train_stage("unet" if stage == "unet_ft" else stage, out, cfg,
+                               checkpoint_dir=work / f"{stage}.checkpoints", resume=True, **extra.get(stage, {}))
     losses = result["losses"]
     summary = dict(stage=stage, steps=steps, seconds=round(time.time() - t0, 1),
                    first_loss=float(losses[:20].mean()), final_loss=float(losses[-100:].mean()),
@@ -49,7 +55,7 @@ def install(work: Path, dest: Path = DEFAULT_MODEL) -> None:
     """fp16 copies of the trained pipeline and CLIP model into `dest`."""
     from sdjax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
 
-    pipe = work / "pipeline"
+    pipe = work / "pipeline_ft"
     tmp = dest.parent / (dest.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     train.write_pipeline(
@@ -67,13 +73,13 @@ def install(work: Path, dest: Path = DEFAULT_MODEL) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="folder for checkpoints and full-precision outputs")
-    p.add_argument("--stage", choices=[*train.STAGES, "all"], default="all")
+    p.add_argument("--stage", choices=[*STAGES, "all"], default="all")
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/default_model")
-    for stage in train.STAGES:
+    for stage in STAGES:
         p.add_argument(f"--{stage}-steps", type=int, default=STEPS[stage])
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    for stage in train.STAGES if a.stage == "all" else [a.stage]:
+    for stage in STAGES if a.stage == "all" else [a.stage]:
         run_stage(stage, a.work, getattr(a, f"{stage}_steps"))
     if a.install or a.stage == "all":
         install(a.work)
