@@ -7,6 +7,9 @@
 #
 # Everything after `--` goes to `sdjax txt2img` unchanged. An --n_samples (times --prompts-per-batch) that is a
 # multiple of the GPU count keeps every GPU busy (a batch is padded up to one).
+# One host needs one process (no jax.distributed: it sees every local GPU). Several GPU hosts: run this script on
+# each with the same flags plus `-- --coordinator HOST0:PORT --num-processes N --process-id I` (I = 0 on HOST0) and
+# an --outdir all hosts share; see the README's "Multi-host" section.
 # Settings also read environment variables (flags win):
 #   SDJAX_PROMPTS SDJAX_OUTDIR SDJAX_PIP SDJAX_SOURCE SDJAX_GPUS PYTHON JAX_CUDA (default cuda12).
 # --dry-run prints every command instead of running it.
@@ -64,4 +67,7 @@ fi
 ENV=(env XLA_PYTHON_CLIENT_PREALLOCATE=false)  # the reranker and the pipeline share each GPU's memory
 [[ -n $GPUS ]] && ENV+=(CUDA_VISIBLE_DEVICES="$GPUS")
 run "${ENV[@]}" "$PYTHON" -c 'import jax; print(f"sdjax: {jax.device_count()} devices: {jax.devices()}")'
+if [[ $DRY_RUN == 1 && " ${SDJAX_ARGS[*]} " != *" --num-processes "* ]]; then
+  echo "# one process drives every GPU of this host: no --coordinator / --num-processes needed"
+fi
 run "${ENV[@]}" "$PYTHON" -m sdjax.cli txt2img --from-file "$PROMPTS" --outdir "$OUTDIR" "${SDJAX_ARGS[@]}"

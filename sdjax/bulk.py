@@ -4,11 +4,19 @@ Layout of an output folder (CompVis txt2img's, plus a manifest):
     outdir/samples/00000.png ...   every kept image, numbered after what is already there (never overwritten)
     outdir/grid-0000.png           one grid per run unless skip_grid
     outdir/manifest.jsonl          one JSON record per saved image
+    outdir/manifest.<p>.jsonl      multi-process runs: the records of the images process p saved
 
 Every saved PNG carries an AUTOMATIC1111-style `parameters` text chunk and an `sdjax` chunk naming its run and job
 (prompt index, iteration, sample). A job is written atomically (temporary file, then a hard link to a free name),
 and its manifest line only after the file exists; `resume=True` reads the `sdjax` chunks already in the folder, so
 a run killed at any point (even SIGKILL) ends with each job saved exactly once.
+
+Several processes (`sdjax.distributed`): every process runs the same list of batches, each batch split over every
+process's devices; each process saves only the images of its own devices and lists them in manifest.<p>.jsonl;
+after a barrier, process 0 appends the run's records of all processes to manifest.jsonl (each image once, in job
+order) and makes the grid from the saved files. This assumes `outdir` is one folder all processes share (one
+machine, or NFS / Filestore / a GCS FUSE mount on a pod). On separate disks every host still saves its own images
+and manifest.<p>.jsonl, and `merge_manifests` can be run once they are copied together.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import math
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 
 
@@ -47,10 +56,17 @@ class RunSpec:
     strength: float = 0.75
     init_image: str | None = None
     mask: str | None = None
+    refiner: str | None = None  # SDXL base -> refiner hand-off: the refiner's name, its schedule, the split
+    refiner_steps: int | None = None
+    high_noise_frac: float | None = None
 
     def run_id(self) -> str:
         """Same settings -> same id, so `resume` knows which saved images belong to this run."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if self.refiner is None:  # runs without a refiner keep the ids they had before these fields existed
+            for k in ("refiner", "refiner_steps", "high_noise_frac"):
+                del fields[k]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -79,7 +95,7 @@ def save_png_exclusive(image, folder: Path, texts: dict[str, str], pattern=SAMPL
     info = PngImagePlugin.PngInfo()
     for k, v in texts.items():
         info.add_text(k, v)
-    tmp = folder / f".tmp-{os.getpid()}-{time.monotonic_ns()}.png"
+    tmp = folder / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.png"  # unique across processes and hosts
     with open(tmp, "wb") as f:
         image.save(f, format="PNG", pnginfo=info)
         f.flush()
@@ -128,16 +144,16 @@ def read_png_texts(path: Path) -> dict[str, str]:
         return {}
 
 
-def append_manifest(outdir: Path, record: dict) -> None:
-    with open(outdir / "manifest.jsonl", "a") as f:
+def append_manifest(outdir: Path, record: dict, name: str = "manifest.jsonl") -> None:
+    with open(outdir / name, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def done_jobs(outdir: Path, run_id: str) -> dict[tuple, dict]:
-    """Jobs of run `run_id` already saved in outdir/samples (from the PNGs' own `sdjax` chunks), and make sure
-    each has its manifest line (a kill between saving and the manifest line leaves it out)."""
+def done_jobs(outdir: Path, run_id: str, repair: bool = True) -> dict[tuple, dict]:
+    """Jobs of run `run_id` already saved in outdir/samples (from the PNGs' own `sdjax` chunks), and (repair) make
+    sure each has its manifest line (a kill between saving and the manifest line leaves it out)."""
     samples = outdir / "samples"
     done = {}
     if samples.is_dir():
@@ -150,35 +166,92 @@ def done_jobs(outdir: Path, run_id: str) -> dict[tuple, dict]:
             rec = json.loads(meta)
             if rec.get("run_id") == run_id:
                 done[tuple(rec["job"])] = dict(rec, file=str(p.relative_to(outdir)))
-    listed = set()
-    manifest = outdir / "manifest.jsonl"
-    if manifest.is_file():
-        for line in manifest.read_text().splitlines():
-            try:
-                listed.add(json.loads(line).get("file"))
-            except json.JSONDecodeError:  # a torn last line from a kill
-                continue
-    for rec in done.values():
-        if rec["file"] not in listed:
-            append_manifest(outdir, rec)
+    if repair:
+        listed = {rec.get("file") for rec in read_manifest(outdir / "manifest.jsonl")}
+        for rec in done.values():
+            if rec["file"] not in listed:
+                append_manifest(outdir, rec)
     return done
 
 
+def read_manifest(path: Path) -> list[dict]:
+    """The records of a manifest file ([] if there is none); a torn last line from a kill is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def job_order(record: dict) -> tuple:
+    """Generation order: iteration, then prompt, then rank (how a single process writes its manifest)."""
+    p, it, rank = record["job"]
+    return it, p, rank
+
+
+def merge_manifests(outdir: str | os.PathLike, run_id: str, num_processes: int) -> list[dict]:
+    """Append the records of run `run_id` from manifest.<p>.jsonl (p < num_processes) that manifest.jsonl does not
+    list yet, in job order; returns them. Each image is listed once however often this is called."""
+    outdir = Path(outdir)
+    listed = {rec.get("file") for rec in read_manifest(outdir / "manifest.jsonl")}
+    new, missing = {}, []
+    for p in range(num_processes):
+        path = outdir / f"manifest.{p}.jsonl"
+        if not path.is_file():
+            missing.append(p)
+        for rec in read_manifest(path):
+            if rec.get("run_id") == run_id and rec.get("file") not in listed:
+                new.setdefault(rec["file"], rec)
+    if missing:
+        print(f"sdjax: {outdir}: no manifest of process(es) {missing}; is the folder shared by all processes? "
+              "manifest.jsonl lists only the images of the others")
+    records = sorted(new.values(), key=job_order)
+    for rec in records:
+        append_manifest(outdir, rec)
+    return records
+
+
 def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, skip_grid=False, resume=False,
-             prompts_per_call: int = 1, progress: bool = True, precision: str = "") -> list[dict]:
-    """Generate every (prompt, iteration, sample) of `spec` into `outdir`; returns the manifest records written.
+             prompts_per_call: int = 1, progress: bool = True, precision: str = "", refiner=None) -> list[dict]:
+    """Generate every (prompt, iteration, sample) of `spec` into `outdir`; returns the manifest records this process
+    wrote.
+
+    refiner: an SDXL refiner pipeline; the (SDXL) `pipe` denoises the first `spec.high_noise_frac` of the schedule
+    and hands its latents to it (`spec.refiner_steps`: the refiner's schedule length).
 
     With `spec.n_candidates` and a `reranker`, each (prompt, iteration) generates n_candidates images and keeps
-    the `keep` best by CLIP score (score and rank recorded).
+    the `keep` best by CLIP score (score and rank recorded). With several processes (see the module docstring),
+    call it in every process with the same arguments.
     """
+    import jax
+    import numpy as np
     from PIL import Image
     from tqdm import tqdm
+
+    from sdjax import distributed
+    from sdjax.pipeline import numpy_to_pil
 
     outdir = Path(outdir)
     samples = outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     run_id = spec.run_id()
-    done = done_jobs(outdir, run_id) if resume else {}
+    process, n_processes = jax.process_index(), jax.process_count()
+    manifest = "manifest.jsonl" if n_processes == 1 else f"manifest.{process}.jsonl"
+    done = set()
+    if resume:  # process 0 alone mends manifest.jsonl: the others must not list the same image again
+        done = set(done_jobs(outdir, run_id, repair=process == 0))
+    if n_processes > 1:
+        (outdir / manifest).touch()  # even a process that saves nothing leaves its (empty) manifest
+        # the same batches in every process: a job counts as done if any process found it. Nobody saves before
+        # every process has looked (this is a collective), so a fast process cannot change what a slow one sees.
+        flags = np.zeros((len(spec.prompts), spec.n_iter, spec.kept), bool)
+        for p, it, rank in done:
+            if p < len(spec.prompts) and it < spec.n_iter and rank < spec.kept:
+                flags[p, it, rank] = True
+        done = {tuple(int(v) for v in job) for job in np.argwhere(distributed.any_process(flags))}
     image = mask = None
     if spec.init_image:
         image = Image.open(spec.init_image).convert("RGB")
@@ -193,27 +266,37 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
             calls.append((it, todo[i:i + prompts_per_call]))
 
     written, grid_images = [], []
-    bar = tqdm(total=len(calls), disable=not progress, unit="batch", desc="sdjax")
+    bar = tqdm(total=len(calls), disable=not progress or process != 0, unit="batch", desc="sdjax")
     t0 = time.perf_counter()
     n_images = 0
+    handoff = {} if refiner is None else dict(refiner=refiner, high_noise_frac=spec.high_noise_frac,
+                                              refiner_num_inference_steps=spec.refiner_steps)
     for it, prompt_ids in calls:
         prompts = [spec.prompts[p] for p in prompt_ids]
         seed = spec.seed + it
         out = pipe(prompts, [spec.negative_prompt] * len(prompts), height=spec.height, width=spec.width,
                    num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
                    seed=[seed] * len(prompts), num_images_per_prompt=spec.per_call, image=image, mask_image=mask,
-                   strength=spec.strength, output_type="pil").images
-        n_images += len(out)
+                   strength=spec.strength, output_type="np", **handoff)
+        total = len(prompts) * spec.per_call
+        mine = [int(i) for i in out.indices]  # batch positions this process holds (all, with one process)
+        if reranker is not None and n_processes > 1:  # scoring needs every candidate of a prompt
+            images = dict(enumerate(numpy_to_pil(distributed.gather_rows(out.images, mine, total))))
+        else:
+            images = dict(zip(mine, numpy_to_pil(out.images)))
+        n_images += total
         for j, p in enumerate(prompt_ids):
-            candidates = out[j * spec.per_call:(j + 1) * spec.per_call]
+            candidates = [images.get(j * spec.per_call + k) for k in range(spec.per_call)]
             scores = [None] * len(candidates)
             order = list(range(len(candidates)))
             if reranker is not None:
                 scores = [float(s) for s in reranker.score(candidates, spec.prompts[p])]
+                if n_processes > 1:  # every process must keep the same candidates: process 0's scores decide
+                    scores = distributed.from_process_0(np.asarray(scores, np.float32)).tolist()
                 order = sorted(order, key=lambda k: -scores[k])[:spec.kept]
             for rank, k in enumerate(order[:spec.kept]):
                 job = (p, it, rank)
-                if job in done:
+                if job in done or j * spec.per_call + k not in mine:  # done, or another process saves it
                     continue
                 im = candidates[k]
                 record = dict(
@@ -224,19 +307,43 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                 )
                 if precision:
                     record["precision"] = precision
+                extra = {"Batch pos": k, **({"CLIP score": f"{scores[k]:.4f}"} if scores[k] is not None else {})}
+                if refiner is not None:
+                    record.update(refiner=spec.refiner, high_noise_frac=spec.high_noise_frac,
+                                  refiner_steps=spec.refiner_steps)
+                    extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.high_noise_frac,
+                                  "Refiner steps": spec.refiner_steps})  # A1111's names, plus the refiner's steps
+                if n_processes > 1:
+                    record["process"] = process
                 params = a1111_parameters(
                     spec.prompts[p], spec.negative_prompt, steps=spec.steps, sampler=spec.sampler,
-                    scale=spec.scale, seed=seed, width=im.width, height=im.height, model=spec.model,
-                    extra={"Batch pos": k, **({"CLIP score": f"{scores[k]:.4f}"} if scores[k] is not None else {})},
+                    scale=spec.scale, seed=seed, width=im.width, height=im.height, model=spec.model, extra=extra,
                 )
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
                 record["file"] = str(path.relative_to(outdir))
-                append_manifest(outdir, record)
+                append_manifest(outdir, record, manifest)
                 written.append(record)
                 grid_images.append(im)
         bar.update(1)
         bar.set_postfix(images_per_s=f"{n_images / (time.perf_counter() - t0):.2f}")
     bar.close()
+    if n_processes > 1:
+        distributed.barrier(f"sdjax-bulk-saved-{run_id}")  # every process's files and manifest lines are written
+        if process != 0:
+            return written
+        merged = merge_manifests(outdir, run_id, n_processes)
+        # the grid from the saved files (a shared folder); on separate disks only process 0's own are there
+        grid_images = []
+        for rec in merged:
+            try:
+                with Image.open(outdir / rec["file"]) as im:
+                    grid_images.append(im.convert("RGB"))
+            except OSError:
+                continue
+        if len(grid_images) < len(merged) and not skip_grid:
+            print(f"sdjax: {len(merged) - len(grid_images)} images of other processes are not in {outdir}; "
+                  "no grid")
+            grid_images = []
     if grid_images and not skip_grid:
         grid = make_grid(grid_images, rows=None)
         save_png_exclusive(grid, outdir, {}, pattern=GRID_NAME, width=4, prefix="grid-")

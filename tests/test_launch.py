@@ -18,8 +18,8 @@ def dry_run(script: str, *args: str, env=None) -> list[list[str]]:
     return [shlex.split(line) for line in out.stdout.splitlines() if line and not line.startswith("#")]
 
 
-def option(cmd: list[str], name: str) -> str:
-    return next(a.split("=", 1)[1] for a in cmd if a.startswith(name + "="))
+def option(cmd: list[str], name: str, *default) -> str:
+    return next((a.split("=", 1)[1] for a in cmd if a.startswith(name + "=")), *default)
 
 
 def test_tpu_vm_dry_run():
@@ -43,10 +43,24 @@ def test_tpu_vm_dry_run():
     assert run[:4] == ["python3", "-m", "sdjax.cli", "txt2img"]
     assert run[run.index("--from-file") + 1] == remote_prompts
     assert run[-6:] == ["--n_samples", "4", "--ddim_steps", "30", "--prompt-extra", "a b"]
+    # multi-host: sdjax auto-detects the TPU slice's workers, so no distributed flags; each worker its own folder
+    assert not {"--coordinator", "--num-processes", "--process-id"} & set(run)
+    assert run[run.index("--outdir") + 1] == "sdjax-run/outputs/$(hostname)"
     collect = [c for c in cmds if c[4] == "scp" and "--recurse" in c and c[-1].startswith("--worker=")]
     assert [option(c, "--worker") for c in collect] == ["0", "1", "2", "3"]
     assert [c[6:8] for c in collect] == [["sd-pod:sdjax-run/outputs", f"out/worker-{w}"] for w in range(4)]
     assert cmds[-1][4:6] == ["delete", "sd-pod"]
+
+
+def test_tpu_vm_shared_outdir():
+    cmds = dry_run("tpu_vm.sh", "--name", "pod", "--zone", "z", "--prompts", "p.txt", "--outdir", "out",
+                   "--workers", "4", "--shared-outdir", "/mnt/fs/my run", "--no-create")
+    gcloud = [c for c in cmds if c[0] == "gcloud"]
+    run = shlex.split(next(option(c, "--command") for c in gcloud if "txt2img" in option(c, "--command", "")))
+    assert run[run.index("--outdir") + 1] == "/mnt/fs/my run"  # every worker writes to the shared folder
+    collect = [c for c in gcloud if c[4] == "scp" and "--recurse" in c]
+    assert [c[6:8] for c in collect] == [["pod:/mnt/fs/my run", "out/shared"]]  # copied back once
+    assert option(collect[0], "--worker") == "0"
 
 
 def test_tpu_vm_needs_name_zone_prompts():
@@ -67,3 +81,11 @@ def test_multi_gpu_dry_run(tmp_path):
     assert run[i + 1:] == ["txt2img", "--from-file", "p.txt", "--outdir", str(tmp_path / "o"),
                            "--n_samples", "8", "--scale", "5"]
     assert not (tmp_path / "o").exists()  # a dry run runs nothing
+    # one host: one process for all its GPUs, no distributed flags
+    assert not {"--coordinator", "--num-processes", "--process-id"} & set(run)
+
+
+def test_multi_gpu_passes_multi_host_flags_through():
+    flags = ["--coordinator", "10.0.0.1:8476", "--num-processes", "2", "--process-id", "1"]
+    run = dry_run("multi_gpu.sh", "--prompts", "p.txt", "--no-install", "--", *flags)[-1]
+    assert run[-6:] == flags
