@@ -36,7 +36,7 @@ def main() -> int:
     p.add_argument("--window-size", default="1280,1000")
     args = p.parse_args()
 
-    from sdjax.demo import build_demo, load_models
+    from sdjax.demo import HIGH_NOISE_FRAC, build_demo, load_models
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
@@ -46,9 +46,9 @@ def main() -> int:
     fn = next(d for d in demo.fns.values() if d.api_name == "generate")
     size = pipe.default_size
     # one generation now, shown by the page on load, so that the screenshot has a gallery and metadata
-    result = fn.fn(args.prompt, "blurry, low quality", 7.5, size, size, args.steps, 0, 42, False, "dpmpp_2m", 4,
-                   reranker is not None)
-    shown = [fn.inputs[i] for i in (0, 1, 5, 8)]  # prompt, negative prompt, steps, randomize
+    result = fn.fn(args.prompt, "blurry, low quality", 7.5, size, size, args.steps, 0, HIGH_NOISE_FRAC, 42, False,
+                   "dpmpp_2m", 4, reranker is not None)
+    shown = [fn.inputs[i] for i in (0, 1, 5, 9)]  # prompt, negative prompt, steps, randomize
     with demo:
         # queue=False: a plain request, which Chromium's virtual time waits for (a queued event streams)
         demo.load(lambda: (args.prompt, "blurry, low quality", args.steps, False, *result), None,

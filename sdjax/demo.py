@@ -4,9 +4,12 @@
 
 The work is `generate` (a plain function, usable and tested without Gradio); `build_demo` only lays out the
 controls. One generation = one pipeline call of `n_candidates` images (image i keyed by fold_in(key(seed), i),
-as everywhere in sdjax), an optional img2img refiner pass, then CLIP scoring. Every image is written as a PNG with
-the AUTOMATIC1111 `parameters` chunk, so a downloaded file carries its settings. Gradio is imported only here
-(`pip install "sdjax[demo]"`); the server binds to 127.0.0.1 unless told otherwise.
+as everywhere in sdjax), with an optional refiner, then CLIP scoring. With an SDXL base and an SDXL refiner the
+refiner is SDXL's ensemble of expert denoisers: the base denoises the first `high_noise_frac` of the schedule and
+hands its latents to the refiner (`pipe(..., refiner=...)`); any other pair falls back to an img2img pass of the
+refiner over the finished images. Every image is written as a PNG with the AUTOMATIC1111 `parameters` chunk, so a
+downloaded file carries its settings. Gradio is imported only here (`pip install "sdjax[demo]"`); the server binds
+to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-REFINER_STRENGTH = 0.3  # the refiner re-noises the image this far and denoises it again (SDXL's base/refiner split)
+REFINER_STRENGTH = 0.3  # img2img fallback: the refiner re-noises the finished image this far and denoises it again
+HIGH_NOISE_FRAC = 0.8  # SDXL hand-off: the base's share of the schedule (diffusers' suggested split)
 MAX_SEED = 2**31 - 1
 
 
@@ -44,15 +48,29 @@ def refiner_schedule(steps: int, strength: float = REFINER_STRENGTH) -> int:
     return n
 
 
+def is_sdxl_handoff(pipe, refiner) -> bool:
+    """True when `pipe` is an SDXL base and `refiner` an SDXL pipeline whose latents it can hand over (SDXL's
+    ensemble of expert denoisers); otherwise the demo runs the refiner as an img2img pass."""
+    from sdjax.pipeline import StableDiffusionXLPipeline
+
+    return (isinstance(pipe, StableDiffusionXLPipeline) and isinstance(refiner, StableDiffusionXLPipeline)
+            and pipe.text_encoder is not None
+            and (pipe.vae_scale_factor, pipe.latent_channels) == (refiner.vae_scale_factor, refiner.latent_channels))
+
+
 def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: float = 7.5, width: int | None = None,
              height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
              n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
-             outdir: str | os.PathLike | None = None) -> list[Candidate]:
+             high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None) -> list[Candidate]:
     """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
     batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
 
-    With a `refiner` (another `StableDiffusionPipeline`) and `refiner_steps` > 0, every image then goes through an
-    img2img pass of the refiner at strength REFINER_STRENGTH that runs `refiner_steps` denoising steps.
+    With a `refiner` and `refiner_steps` > 0: if `pipe` is an SDXL base and `refiner` an SDXL refiner
+    (`is_sdxl_handoff`), the base denoises the first `high_noise_frac` of its `steps`-step schedule and the refiner
+    continues in latent space over its own `refiner_steps`-step schedule, running the part after high_noise_frac
+    (diffusers' ensemble of expert denoisers). Otherwise every finished image goes through an img2img pass of the
+    refiner at strength REFINER_STRENGTH that runs `refiner_steps` denoising steps (high_noise_frac unused).
+    An empty negative prompt is passed as None (SDXL base: zero negative embeddings, as diffusers).
     """
     from PIL import PngImagePlugin
 
@@ -65,14 +83,21 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     if n < 1:
         raise ValueError(f"the number of candidates must be at least 1, got {n_candidates}")
     kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed))
-    images = pipe(prompt, negative_prompt or "", height=int(height) if height else None,
+    refine = refiner is not None and int(refiner_steps or 0) > 0
+    handoff = refine and is_sdxl_handoff(pipe, refiner)
+    extra = {}
+    if handoff:
+        kw.update(refiner=refiner, high_noise_frac=float(high_noise_frac),
+                  refiner_num_inference_steps=int(refiner_steps))
+        extra = {"Refiner": refiner.name or "refiner", "Refiner switch at": float(high_noise_frac),
+                 "Refiner steps": int(refiner_steps)}
+    images = pipe(prompt, negative_prompt or None, height=int(height) if height else None,
                   width=int(width) if width else None, num_inference_steps=int(steps), num_images_per_prompt=n,
                   output_type="pil", **kw).images
-    extra = {}
-    if refiner is not None and int(refiner_steps) > 0:
-        images = refiner([prompt] * n, negative_prompt or "", image=images, strength=REFINER_STRENGTH,
+    if refine and not handoff:
+        images = refiner([prompt] * n, negative_prompt or None, image=images, strength=REFINER_STRENGTH,
                          num_inference_steps=refiner_schedule(int(refiner_steps)), output_type="pil", **kw).images
-        extra = {"Refiner": refiner.name or "refiner", "Refiner steps": int(refiner_steps),
+        extra = {"Refiner": refiner.name or "refiner", "Refiner mode": "img2img", "Refiner steps": int(refiner_steps),
                  "Refiner strength": REFINER_STRENGTH}
     scores = [None] * n
     order = list(range(n))
@@ -114,9 +139,10 @@ def _gradio():
 
 def build_demo(pipe, reranker=None, refiner=None):
     """The UI for `pipe` (a `StableDiffusionPipeline`), with CLIP reranking if `reranker` (a `CLIPReranker`) is
-    given and a refiner-steps control if `refiner` (a second pipeline) is. Returns a `gr.Blocks`; its `generate`
-    endpoint (api_name "generate") takes the controls in the order they are listed below and returns the gallery,
-    the best image's metadata and the seed used."""
+    given and refiner controls if `refiner` (a second pipeline) is: the refiner's steps (0: off), and for an SDXL
+    base with an SDXL refiner the high-noise fraction where the base hands over (`generate`). Returns a `gr.Blocks`;
+    its `generate` endpoint (api_name "generate") takes the controls in the order they are listed below (hidden
+    ones included) and returns the gallery, the best image's metadata and the seed used."""
     gr = _gradio()
     from sdjax.samplers import SAMPLERS
 
@@ -124,15 +150,17 @@ def build_demo(pipe, reranker=None, refiner=None):
     size = pipe.default_size
     outdir = Path(tempfile.mkdtemp(prefix="sdjax-demo-"))
 
-    def run(prompt, negative, scale, width, height, steps, refiner_steps, seed, randomize, sampler, n_candidates,
-            rerank):
+    handoff = refiner is not None and is_sdxl_handoff(pipe, refiner)
+
+    def run(prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize, sampler,
+            n_candidates, rerank):
         seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
         try:
             candidates = generate(
                 pipe, prompt, negative, guidance_scale=scale, width=width, height=height, steps=steps,
                 sampler=sampler, seed=seed, n_candidates=n_candidates,
                 reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
-                outdir=outdir,
+                high_noise_frac=HIGH_NOISE_FRAC if high_noise_frac is None else high_noise_frac, outdir=outdir,
             )
         except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
             raise gr.Error(" ".join(str(e).split())) from None
@@ -147,6 +175,11 @@ def build_demo(pipe, reranker=None, refiner=None):
     devices = pipe.mesh.devices.size
     header = (f"### sdjax: {pipe.name or 'Stable Diffusion'}\n{devices} device(s); default size {size}x{size}; "
               + ("candidates ordered by CLIP score." if reranker is not None else "no CLIP model loaded (no reranking)."))
+    if refiner is not None:
+        header += f"\n\nRefiner {refiner.name or ''}: " + (
+            "SDXL hand-off in latent space (the base denoises the high-noise part, the refiner the rest)." if handoff
+            else f"an img2img pass over the finished images (strength {REFINER_STRENGTH}; not SDXL's latent "
+                 "hand-off).")
     with gr.Blocks(title="sdjax demo", analytics_enabled=False) as demo:
         gr.Markdown(header)
         with gr.Row():
@@ -156,8 +189,15 @@ def build_demo(pipe, reranker=None, refiner=None):
                 with gr.Row():
                     scale = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance scale")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                    refiner_steps = gr.Slider(0, 50, value=10 if refiner is not None else 0, step=1,
-                                              label="Refiner steps", visible=refiner is not None)
+                    # SDXL: the refiner's own schedule, of which it runs the part after the switch (diffusers'
+                    # num_inference_steps of the refiner); img2img: the denoising steps of the pass
+                    refiner_steps = gr.Slider(
+                        0, 100 if handoff else 50, value=(25 if handoff else 10) if refiner is not None else 0,
+                        step=1, visible=refiner is not None,
+                        label="Refiner steps (its schedule; runs the part after the switch; 0: off)" if handoff
+                        else f"Refiner steps (img2img at strength {REFINER_STRENGTH}; 0: off)")
+                    high_noise_frac = gr.Slider(0.05, 0.95, value=HIGH_NOISE_FRAC, step=0.05, visible=handoff,
+                                                label="High-noise fraction (base -> refiner switch)")
                 with gr.Row():
                     width = gr.Slider(4 * f, max(1024, 2 * size), value=size, step=f, label="Width")
                     height = gr.Slider(4 * f, max(1024, 2 * size), value=size, step=f, label="Height")
@@ -175,8 +215,8 @@ def build_demo(pipe, reranker=None, refiner=None):
                 parameters = gr.Textbox(label="PNG metadata (parameters) of the selected image", lines=4,
                                         interactive=False)
         per_image = gr.State([])
-        inputs = [prompt, negative, scale, width, height, steps, refiner_steps, seed, randomize, sampler,
-                  n_candidates, rerank]
+        inputs = [prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize,
+                  sampler, n_candidates, rerank]
         outputs = [gallery, parameters, seed, per_image]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)
@@ -202,7 +242,10 @@ def load_models(model=None, rerank_model=None, refiner_model=None):
     pipe, _, _ = load_pipeline({"ckpt": model})
     refiner = None
     if refiner_model:
-        refiner, _, _ = load_pipeline({"ckpt": refiner_model})
+        try:
+            refiner, _, _ = load_pipeline({"ckpt": refiner_model})
+        except UsageError as e:  # load_pipeline names --ckpt
+            raise UsageError(str(e).replace(f"--ckpt {refiner_model}", f"--refiner {refiner_model}", 1)) from None
     if rerank_model is None:
         rerank_model = default_clip(with_shipped=not model)
     reranker = None
@@ -240,4 +283,4 @@ def cmd_demo(args) -> int:
     return 0
 
 
-__all__ = ["Candidate", "build_demo", "default_clip", "generate", "launch", "load_models"]
+__all__ = ["Candidate", "build_demo", "default_clip", "generate", "is_sdxl_handoff", "launch", "load_models"]

@@ -232,6 +232,32 @@ def test_base_to_refiner_handoff_matches_diffusers(sampler, pipes, refs, monkeyp
                   ours, theirs) <= TOL
 
 
+@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
+def test_refiner_with_its_own_step_count_matches_diffusers(sampler, pipes, refs, monkeypatch):
+    """refiner_num_inference_steps: the refiner's own schedule, of which it runs the part after high_noise_frac, as
+    diffusers' refiner called with that num_inference_steps and denoising_start."""
+    base, refiner = pipes["base"], pipes["refiner"]
+    latents = np.random.default_rng(5).standard_normal((2, *LATENT)).astype(np.float32)
+    frac, ref_steps = 0.7, 9
+    ours = base(PROMPTS, NEGATIVES, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0,
+                sampler=sampler, latents=latents, output_type="np", refiner=refiner, high_noise_frac=frac,
+                refiner_num_inference_steps=ref_steps).images
+    base_calls, refiner_calls = base.handoff_steps(refiner, frac, sampler=sampler, num_inference_steps=STEPS,
+                                                   refiner_num_inference_steps=ref_steps)
+    same_steps = base.handoff_steps(refiner, frac, sampler=sampler, num_inference_steps=STEPS)[1]
+    assert len(refiner_calls) != len(same_steps)  # the refiner really runs a different number of steps
+    made = samplers.make_sampler(sampler, base.scheduler_config, STEPS)
+    patch_noise(monkeypatch, (step_noises(base_calls) + step_noises(refiner_calls)) if made.needs_noise else [])
+    rb, rr = refs["base"], refs["refiner"]
+    rb.scheduler = diffusers_scheduler(sampler, rb)
+    rr.scheduler = diffusers_scheduler(sampler, rr)
+    handed = rb(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0,
+                latents=nchw(latents), denoising_end=frac, output_type="latent").images
+    theirs = rr(PROMPTS, negative_prompt=NEGATIVES, image=handed, num_inference_steps=ref_steps, guidance_scale=5.0,
+                denoising_start=frac, output_type="np").images
+    assert report(f"hand-off {sampler}, refiner {ref_steps} steps (calls {refiner_calls})", ours, theirs) <= TOL
+
+
 def test_base_latents_then_refiner_equals_one_call(pipes):
     """The one-call API is exactly the two-call hand-off in latent space."""
     base, refiner = pipes["base"], pipes["refiner"]
@@ -254,6 +280,9 @@ def test_base_latents_then_refiner_equals_one_call(pipes):
         (dict(high_noise_frac=0.8), "refiner"),
         (dict(refiner="refiner"), "high_noise_frac"),
         (dict(refiner="refiner", high_noise_frac=1.2), "high_noise_frac"),
+        (dict(refiner_num_inference_steps=4), "refiner"),
+        (dict(refiner="refiner", high_noise_frac=0.8, refiner_num_inference_steps=0), "refiner_num_inference_steps"),
+        (dict(refiner="refiner", high_noise_frac=0.999), "no step after high_noise_frac"),
         (dict(negative_prompt="x", negative_prompt_2=["a", "b", "c"]), "negative_prompt_2"),
         (dict(prompt_2=["a", "b", "c"]), "prompt_2"),
         (dict(original_size=(32,)), "original_size"),
