@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "StableDiffusionPipeline": "sdjax.pipeline",
     "StableDiffusionXLPipeline": "sdjax.pipeline",
+    "StableDiffusionUpscalePipeline": "sdjax.upscale",
     "CLIPReranker": "sdjax.rerank",
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -61,12 +62,25 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--resume", action="store_true", help="continue a killed run with the same flags in outdir")
     p.add_argument("--prompts-per-batch", dest="prompts_per_batch", type=int,
                    help="prompts generated together in one batch (fills more devices)")
+    p.add_argument("--coordinator", help="multi-host: process 0's HOST:PORT, the same in every process ('auto': "
+                                         "JAX's cluster detection; Cloud TPU VMs need no flags)")
+    p.add_argument("--num-processes", dest="num_processes", type=int, help="multi-host: how many processes in all")
+    p.add_argument("--process-id", dest="process_id", type=int,
+                   help="multi-host: this process's index, 0 to --num-processes - 1")
     if mode in ("img2img", "inpaint"):
         p.add_argument("--init-img", dest="init_img", required=True, help="the starting image")
         p.add_argument("--strength", type=float,
                        help="how much to change it, in (0, 1] (default 0.75 img2img, 1.0 inpaint)")
     if mode == "inpaint":
         p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    if mode == "txt2img":
+        p.add_argument("--refiner", help="an SDXL refiner folder: with an SDXL --ckpt, the base denoises the first "
+                                         "--high-noise-frac of the schedule, the refiner the rest (in latent space)")
+        p.add_argument("--refiner-steps", dest="refiner_steps", type=int,
+                       help="the refiner's schedule length, of which it runs the part after --high-noise-frac "
+                            "(default: --ddim_steps)")
+        p.add_argument("--high-noise-frac", dest="high_noise_frac", type=float,
+                       help="with --refiner: the fraction of the schedule the base denoises, in (0, 1) (default 0.8)")
 
 
 DEFAULTS = dict(n_samples=3, n_iter=2, scale=7.5, ddim_steps=50, seed=42, sampler="ddim", keep=1)
@@ -76,7 +90,10 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "seed": "seed", "n_samples": "n_samples", "n_iter": "n_iter", "negative_prompt": "negative_prompt",
     "rerank_model": "rerank_model", "n_candidates": "n_candidates", "keep": "keep", "strength": "strength",
     "mesh": "mesh", "prompts_per_batch": "prompts_per_batch",
+    "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
+    "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
 }
+HIGH_NOISE_FRAC = 0.8  # SDXL's suggested base/refiner split
 
 
 def load_config(path: str) -> dict:
@@ -128,7 +145,30 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
         raise UsageError(f"--strength must be in (0, 1], got {s['strength']}")
     if s.get("precision") not in (None, "full", "autocast"):
         raise UsageError(f"precision must be full or autocast, got {s['precision']!r}")
+    _check_refiner_settings(s, mode)
     return s
+
+
+def _check_refiner_settings(s: dict, mode: str) -> None:
+    given = [f"--{k.replace('_', '-')}" for k in ("refiner", "refiner_steps", "high_noise_frac")
+             if s.get(k) is not None]
+    if not given:
+        return
+    if mode != "txt2img":
+        raise UsageError(f"{', '.join(given)}: the SDXL refiner hand-off is for txt2img only")
+    if not s.get("refiner"):
+        raise UsageError(f"{', '.join(given)} needs --refiner (an SDXL refiner folder)")
+    frac = s.get("high_noise_frac")
+    frac = HIGH_NOISE_FRAC if frac is None else frac
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) < 1.0:
+        raise UsageError(f"--high-noise-frac must be strictly between 0 and 1, got {frac}")
+    s["high_noise_frac"] = float(frac)
+    steps = s.get("refiner_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UsageError(f"--refiner-steps must be an integer of at least 1, got {steps}")
+    refiner = Path(str(s["refiner"])).expanduser()
+    if not refiner.is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(s["refiner"])):  # a hub id is fetched
+        raise UsageError(f"--refiner {s['refiner']}: no such folder (give an SDXL refiner pipeline folder)")
 
 
 def read_prompts(s: dict) -> list[str]:
@@ -182,6 +222,31 @@ def load_pipeline(s: dict):
     return pipe, precision, ckpt
 
 
+def load_refiner(s: dict, base, precision: str):
+    """The SDXL refiner of `--refiner`, loaded like the base (same precision and devices); the base must be SDXL."""
+    import jax.numpy as jnp
+
+    from sdjax.pipeline import StableDiffusionXLPipeline
+
+    if not isinstance(base, StableDiffusionXLPipeline):
+        raise UsageError(f"--refiner needs an SDXL base model; --ckpt {s.get('ckpt') or default_model()} is not SDXL "
+                         "(no text_encoder_2)")
+    dtype = jnp.float32 if precision == "full" else jnp.bfloat16
+    try:
+        refiner = StableDiffusionXLPipeline.from_pretrained(s["refiner"], dtype=dtype, mesh=base.mesh)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UsageError(f"--refiner {s['refiner']}: cannot load an SDXL pipeline: {_one_line(e)}") from None
+    if (refiner.vae_scale_factor, refiner.latent_channels) != (base.vae_scale_factor, base.latent_channels):
+        raise UsageError(f"--refiner {s['refiner']}: its VAE latents differ from the base's; they cannot be handed "
+                         "over")
+    try:  # before any image: each side must get at least one step
+        base.handoff_steps(refiner, s["high_noise_frac"], sampler=s["sampler"],
+                           num_inference_steps=int(s["ddim_steps"]), refiner_num_inference_steps=s.get("refiner_steps"))
+    except ValueError as e:
+        raise UsageError(f"--refiner: {_one_line(e)} (--high-noise-frac, --ddim_steps, --refiner-steps)") from None
+    return refiner
+
+
 def mesh_devices(mesh):
     """`mesh: {data: N}` in a run config: the first N devices (-1 or "all": every device)."""
     import jax
@@ -190,9 +255,23 @@ def mesh_devices(mesh):
     devices = jax.devices()
     if n in (-1, "all", None):
         return devices
+    if jax.process_count() > 1 and n != len(devices):
+        raise UsageError(f"mesh data size {n!r}: with several processes the mesh spans all {len(devices)} devices "
+                         "(use -1)")
     if not isinstance(n, int) or not 1 <= n <= len(devices):
         raise UsageError(f"mesh data size must be 1..{len(devices)} or -1 (all devices), got {n!r}")
     return devices[:n]
+
+
+def start_processes(s: dict) -> tuple[int, int]:
+    """jax.distributed from --coordinator / --num-processes / --process-id or the environment (sdjax.distributed);
+    (process index, process count). Before anything uses a JAX device."""
+    from sdjax.distributed import DistributedError, initialize
+
+    try:
+        return initialize(s.get("coordinator"), s.get("num_processes"), s.get("process_id"))
+    except DistributedError as e:
+        raise UsageError(_one_line(e)) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -209,7 +288,13 @@ def cmd_generate(args, mode: str) -> int:
     if mode == "inpaint":
         _check_image(s["mask"], "--mask")
     outdir = Path(s.get("outdir") or f"outputs/{mode}-samples")
+    process, n_processes = start_processes(s)
     pipe, precision, ckpt = load_pipeline(s)
+    from sdjax.upscale import StableDiffusionUpscalePipeline
+
+    if isinstance(pipe, StableDiffusionUpscalePipeline):
+        raise UsageError(f"--ckpt {ckpt} is an x4 upscaler: use sdjax upscale --init-img ...")
+    refiner = load_refiner(s, pipe, precision) if s.get("refiner") else None
     f = pipe.vae_scale_factor
     for key in ("H", "W"):
         if s.get(key) is not None and int(s[key]) % f:
@@ -217,10 +302,15 @@ def cmd_generate(args, mode: str) -> int:
                              f"try {int(s[key]) // f * f or f}")
     reranker = None
     if s.get("n_candidates"):
+        import jax
+
+        from sdjax.pipeline import data_mesh
         from sdjax.rerank import CLIPReranker
 
         try:
-            reranker = CLIPReranker.from_pretrained(s["rerank_model"])
+            # with several processes every one scores all candidates of a prompt on its own devices
+            local = data_mesh(jax.local_devices()) if n_processes > 1 else None
+            reranker = CLIPReranker.from_pretrained(s["rerank_model"], mesh=local)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise UsageError(f"--rerank-model {s['rerank_model']}: cannot load: {_one_line(e)}") from None
     spec = RunSpec(
@@ -229,14 +319,21 @@ def cmd_generate(args, mode: str) -> int:
         scale=float(s["scale"]), sampler=s["sampler"], seed=int(s["seed"]), model=Path(ckpt).name or str(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
+        **({} if refiner is None else dict(
+            refiner=Path(str(s["refiner"])).name or str(s["refiner"]), high_noise_frac=s["high_noise_frac"],
+            refiner_steps=int(s.get("refiner_steps") or s["ddim_steps"]))),
     )
     try:
         records = run_bulk(pipe, spec, outdir, reranker=reranker, skip_grid=bool(s.get("skip_grid")),
                            resume=bool(s.get("resume")), prompts_per_call=int(s.get("prompts_per_batch") or 1),
-                           precision=precision)
+                           precision=precision, refiner=refiner)
     except ValueError as e:  # the pipeline's checks of the request
         raise UsageError(_one_line(e)) from None
-    print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
+    if n_processes > 1:
+        print(f"sdjax: process {process} of {n_processes}: {len(records)} images saved in {outdir / 'samples'}"
+              f"{'; manifest.jsonl merged' if process == 0 else ''}")
+    else:
+        print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
     return 0
 
 
@@ -329,6 +426,72 @@ def cmd_eval_tiny(args) -> int:
     return 0
 
 
+UPSCALE_DEFAULTS = dict(ddim_steps=75, scale=9.0, n_samples=1, noise_level=20)  # diffusers' upscaler defaults
+
+
+def _add_upscale_parser(sub) -> None:
+    u = sub.add_parser("upscale", help="x4 super-resolution of an image with a Stable Diffusion x4 upscaler")
+    u.add_argument("--init-img", dest="init_img", required=True, help="the low-res image")
+    u.add_argument("--prompt", help="what the image shows (default: empty)")
+    u.add_argument("--from-file", dest="from_file", help="a text file with one prompt per line (an upscale each)")
+    u.add_argument("--negative-prompt", dest="negative_prompt", help="what the upscale should not show")
+    u.add_argument("--ckpt", help="a diffusers x4 upscaler folder or hub id, e.g. "
+                                  "stabilityai/stable-diffusion-x4-upscaler (required: none ships with sdjax)")
+    u.add_argument("--outdir", help="output folder (default outputs/upscale-samples)")
+    u.add_argument("--noise-level", dest="noise_level", type=int,
+                   help="noise added to the low-res image, 0 to the model's max_noise_level (default 20)")
+    u.add_argument("--ddim_steps", type=int, help="sampling steps (default 75)")
+    u.add_argument("--scale", type=float, help="classifier-free guidance scale (default 9.0)")
+    u.add_argument("--seed", type=int, help="seed (default 42)")
+    u.add_argument("--sampler", help="sampler name, as txt2img's --sampler (default ddim)")
+    u.add_argument("--n_samples", type=int, help="upscales per prompt (default 1)")
+    u.add_argument("--tile-size", dest="tile_size", type=int,
+                   help="tile side in low-res pixels: larger inputs are upscaled in overlapping tiles (default: "
+                        "the UNet's sample_size, 128 for the x4 upscaler)")
+    u.add_argument("--tile-overlap", dest="tile_overlap", type=int,
+                   help="least overlap of neighbouring tiles in low-res pixels (default: tile size / 4)")
+    u.add_argument("--precision", choices=["full", "autocast"],
+                   help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
+    u.add_argument("--config", help="a YAML run config (e.g. configs/x4_upscaler.yaml); flags override it")
+
+
+def cmd_upscale(args) -> int:
+    """`sdjax upscale`: `sdjax.upscale.upscale_to_folder` on --init-img, once per prompt."""
+    from sdjax.upscale import StableDiffusionUpscalePipeline, upscale_to_folder
+
+    given = load_config(args.config) if args.config else {}
+    for key, value in UPSCALE_DEFAULTS.items():  # where neither a flag nor the config sets them
+        if getattr(args, key) is None and key not in given:
+            setattr(args, key, value)
+    s = resolve_settings(args, "upscale")
+    prompts = read_prompts(s) if s.get("from_file") else [s.get("prompt") or ""]
+    _check_image(s["init_img"], "--init-img")
+    for key, least in (("noise_level", 0), ("tile_size", 8), ("tile_overlap", 0)):
+        value = s.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise UsageError(f"--{key.replace('_', '-')} must be an integer of at least {least}, got {value!r}")
+    if not s.get("ckpt"):
+        raise UsageError("upscale needs --ckpt: a diffusers x4 upscaler folder or hub id (e.g. "
+                         "stabilityai/stable-diffusion-x4-upscaler); no upscaler ships with sdjax")
+    pipe, precision, ckpt = load_pipeline(s)
+    if not isinstance(pipe, StableDiffusionUpscalePipeline):
+        raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
+    tile_size = s.get("tile_size") or pipe.unet.config.sample_size
+    if s.get("tile_overlap") is not None and s["tile_overlap"] >= tile_size:
+        raise UsageError(f"--tile-overlap {s['tile_overlap']} must be smaller than the tile size {tile_size}")
+    outdir = Path(s.get("outdir") or "outputs/upscale-samples")
+    try:
+        records = upscale_to_folder(
+            pipe, s["init_img"], prompts, outdir, negative_prompt=s.get("negative_prompt") or "",
+            n_samples=int(s["n_samples"]), steps=int(s["ddim_steps"]), scale=float(s["scale"]),
+            noise_level=int(s["noise_level"]), sampler=s["sampler"], seed=int(s["seed"]), tile_size=int(tile_size),
+            tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision)
+    except ValueError as e:  # the pipeline's checks of the request (noise level above the model's maximum, ...)
+        raise UsageError(_one_line(e)) from None
+    print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
+    return 0
+
+
 def _add_train_parsers(sub) -> None:
     t = sub.add_parser("train", help="train a VAE, CLIP or UNet (synthetic shapes, or --data images)")
     t.add_argument("stage", choices=["vae", "clip", "unet"])
@@ -370,10 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ckpt", help="a diffusers pipeline folder or hub id (default: the shipped model)")
     d.add_argument("--rerank-model", dest="rerank_model",
                    help="a CLIP model folder for ordering candidates (default: the shipped CLIP, if any)")
-    d.add_argument("--refiner", help="a second pipeline folder run as an img2img refiner (optional)")
+    d.add_argument("--refiner", help="a second pipeline folder (optional): an SDXL refiner continues an SDXL base's "
+                                     "latents; any other runs as an img2img pass over the images")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
     _add_train_parsers(sub)
+    _add_upscale_parser(sub)
     return parser
 
 
@@ -394,6 +559,8 @@ def main(argv=None) -> int:
             return cmd_train(args)
         if args.command == "eval-tiny":
             return cmd_eval_tiny(args)
+        if args.command == "upscale":
+            return cmd_upscale(args)
         return cmd_generate(args, args.command)
     except UsageError as e:
         print(f"sdjax: error: {_one_line(e)}", file=sys.stderr)

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sdjax import samplers as samplers_lib
+from sdjax import distributed, samplers as samplers_lib
 from sdjax.loading import resolve_path
 from sdjax.models.layers import Attention, nearest_resize
 
@@ -87,7 +87,11 @@ def image_noise(key_data: jax.Array, shape, stream=None) -> jax.Array:
 
 @dataclasses.dataclass
 class PipelineOutput:
+    """images: this process's images; indices: their positions in the whole batch (all of range(batch) in a
+    single-process run; with several processes each holds the images of its own devices, see sdjax.distributed)."""
+
     images: Any
+    indices: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,7 @@ class _Plan:
     decode: bool
     vae_tiling: bool
     text: tuple = ()  # static options of the pipeline's conditioning
+    vae_tile_size: int | None = None  # tile side in pixels (None: the VAE config's sample_size)
 
 
 def _to_list(x):
@@ -169,12 +174,16 @@ class StableDiffusionPipeline:
         self.name = name
         self.mesh = mesh or data_mesh()
         self.vae_tiling = False
+        self.vae_tile_size = None
         self._replicated = NamedSharding(self.mesh, P())
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[_Plan, Any] = {}
+        # shape-only modules (`PretrainedModel.abstract`) get the sharding only: such a pipeline can be lowered and
+        # compiled, not run (bench/sdxl_memory.py reads the compiled program's memory without any weights)
+        place = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
+                 if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, self._replicated))
         for module in (*self._text_encoders().values(), vae, unet):
-            state = nnx.state(module)
-            nnx.update(module, jax.device_put(state, self._replicated))
+            nnx.update(module, jax.tree.map(place, nnx.state(module)))
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -189,6 +198,11 @@ class StableDiffusionPipeline:
         if cls is StableDiffusionPipeline and _has(index, "text_encoder_2"):
             return StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype,
                                                              vae_dtype=vae_dtype, variant=variant, mesh=mesh)
+        if cls is StableDiffusionPipeline and _has(index, "low_res_scheduler"):
+            from sdjax.upscale import StableDiffusionUpscalePipeline
+
+            return StableDiffusionUpscalePipeline.from_pretrained(folder, dtype=dtype, param_dtype=param_dtype,
+                                                                  vae_dtype=vae_dtype, variant=variant, mesh=mesh)
         from sdjax.models import CLIPTextModel
         from sdjax.tokenizer import Tokenizer
 
@@ -221,9 +235,12 @@ class StableDiffusionPipeline:
                     m.query_chunk_size = query_chunk
         self._programs.clear()
 
-    def enable_vae_tiling(self, on: bool = True) -> None:
-        """Decode large images tile by tile (diffusers' tiled decode)."""
+    def enable_vae_tiling(self, on: bool = True, tile_size: int | None = None) -> None:
+        """Decode images larger than one tile tile by tile (diffusers' tiled decode). tile_size: the tile side in
+        pixels (default: the VAE config's sample_size, as diffusers; SDXL's is 1024, so a 1024² image is decoded in
+        one piece unless a smaller tile, e.g. 512, is given)."""
         self.vae_tiling = on
+        self.vae_tile_size = None if tile_size is None else int(tile_size)
         self._programs.clear()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -234,7 +251,9 @@ class StableDiffusionPipeline:
         return {"text_encoder": self.text_encoder}
 
     def _text_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width):
-        """Host side: (dict of per-prompt numpy arrays (n_prompts, ...), static options tuple)."""
+        """Host side: (dict of per-prompt numpy arrays (n_prompts, ...), static options tuple). An entry
+        "per_image" may hold a dict of arrays that already have one row per image; they join the program's inputs
+        as they are, replacing a generic input of the same name (the upscaler's tiles bring their own "keys")."""
         negatives = [""] * len(prompts) if negative_prompt is None else _per_prompt(
             negative_prompt, len(prompts), "negative_prompt")
         inputs = {"ids": self.tokenizer(prompts)[0]}
@@ -244,7 +263,9 @@ class StableDiffusionPipeline:
 
     def _conditioning(self, static: tuple) -> Callable:
         """Program side: (encoders dict, inputs, cfg) -> (cond, uncond or None), each {"context": (N, L, D), ...}
-        where every key but "context" goes to the UNet's added_cond_kwargs."""
+        where "class_labels" (N,) goes to the UNet's class_labels, cond's "unet_concat" (N, h, w, c) is joined to
+        the latents as extra UNet input channels (the same for both halves of a guided pair), and every other key
+        goes to the UNet's added_cond_kwargs."""
 
         def encode(encoders, inputs, cfg):
             te = encoders["text_encoder"]
@@ -284,6 +305,8 @@ class StableDiffusionPipeline:
         guidance_rescale: diffusers' rescale of the guided prediction towards the text prediction's std (0: off).
         Returns PipelineOutput(images=...) with "pil" (list of PIL images), "np" ((B, H, W, 3) float in [0, 1]) or
         "latent" ((B, H/f, W/f, C) latents, unscaled by the VAE scaling factor as diffusers returns them).
+        With several processes (sdjax.distributed) the batch is split over every process's devices and each
+        process gets only its own images; `indices` says which of the B they are.
         """
         return self._generate_images(
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -373,8 +396,10 @@ class StableDiffusionPipeline:
             x = np.asarray(x)
             return np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)]) if batch > n else x
 
+        per_image = text_inputs.pop("per_image", {})
         inputs = {k: pad(v[prompt_index]) for k, v in text_inputs.items()}
         inputs.update(keys=pad(keys), latents=pad(latents), image=pad(images), mask=pad(masks))
+        inputs.update({k: pad(v) for k, v in per_image.items()})
         plan = _Plan(
             mode=mode, sampler=sampler, steps=int(num_inference_steps), start=start, end=end, cfg=cfg,
             rescale=cfg and float(guidance_rescale) > 0.0, batch=batch, latent_hw=latent_shape[:2],
@@ -382,24 +407,25 @@ class StableDiffusionPipeline:
             add_noise=denoising_start is None,
             inpaint_unet=self.unet.config.in_channels == self.latent_channels * 2 + 1,
             decode=output_type != "latent", vae_tiling=self.vae_tiling, text=text_static,
+            vae_tile_size=self.vae_tile_size if self.vae_tiling else None,
         )
         if mode == "inpaint" and not plan.inpaint_unet and self.unet.config.in_channels != self.latent_channels:
             raise ValueError(f"the UNet takes {self.unet.config.in_channels} input channels: not an SD UNet")
         program = self._program(plan, sampler_obj)
         out = program(
             {k: nnx.state(m) for k, m in self._text_encoders().items()}, nnx.state(self.unet), nnx.state(self.vae),
-            {k: None if v is None else jax.device_put(v, self._batched) for k, v in inputs.items()},
+            {k: None if v is None else _put_batch(v, self._batched) for k, v in inputs.items()},
             {"guidance": jnp.float32(guidance_scale), "rescale": jnp.float32(guidance_rescale)},
         )
-        out = np.asarray(jax.device_get(out))[:n]
+        out, indices = _fetch_batch(out, n)
         if not np.isfinite(out).all():
             raise FloatingPointError(
                 "the pipeline produced NaN/inf values; the usual cause is a float16 VAE overflowing: load with "
                 "vae_dtype=jnp.float32 (or dtype=jnp.bfloat16)"
             )
         if output_type in ("latent", "np"):
-            return PipelineOutput(images=out)
-        return PipelineOutput(images=numpy_to_pil(out))
+            return PipelineOutput(images=out, indices=indices)
+        return PipelineOutput(images=numpy_to_pil(out), indices=indices)
 
     def _schedule_range(self, sampler, mode, strength, denoising_start, denoising_end, num_inference_steps):
         """(start, end) call indices, as diffusers' (SDXL) pipelines cut the schedule: strength or denoising_start
@@ -446,6 +472,30 @@ class StableDiffusionPipeline:
         return self._programs[plan]
 
 
+def _put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host batch (the same on every process) onto the batch sharding; with several processes each one builds only
+    the shards of its own devices."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _fetch_batch(out: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows of the first n this process holds, their indices): all n with one process, else the rows of this
+    process's devices (padding rows >= n dropped)."""
+    if out.is_fully_addressable:
+        return np.asarray(jax.device_get(out))[:n], np.arange(n)
+    rows = {}
+    for shard in out.addressable_shards:
+        start = shard.index[0].start or 0
+        for i, row in enumerate(np.asarray(shard.data)):
+            rows.setdefault(start + i, row)  # a replicated row comes once
+    indices = np.asarray(sorted(i for i in rows if i < n), np.int64)
+    if not len(indices):
+        return np.zeros((0, *out.shape[1:]), out.dtype), indices
+    return np.stack([rows[i] for i in indices]), indices
+
+
 def _generate(text_states, unet_state, vae_state, inputs, scalars, *, plan: _Plan, sampler, conditioning, text_defs,
               unet_def, vae_def, scaling_factor, latent_channels):
     """The whole generation for one batch: encode text, build first latents, sample, decode."""
@@ -458,9 +508,11 @@ def _generate(text_states, unet_state, vae_state, inputs, scalars, *, plan: _Pla
     scale, rescale = scalars["guidance"], scalars["rescale"]
 
     cond, uncond = conditioning(encoders, inputs, plan.cfg)
+    concat = cond.pop("unet_concat", None)  # per image, so joined before the guided pair is made
     if plan.cfg:
         cond = jax.tree.map(_interleave, uncond, cond)
     context = cond.pop("context")
+    labels = cond.pop("class_labels", None)
     added = cond or None
 
     noise = inputs["latents"] if plan.given_latents else image_noise(keys, shape)
@@ -496,11 +548,14 @@ def _generate(text_states, unet_state, vae_state, inputs, scalars, *, plan: _Pla
         x_in = sampler.scale_model_input(x, i)
         if plan.mode == "inpaint" and plan.inpaint_unet:
             x_in = jnp.concatenate([x_in, mask, masked_latents], axis=-1)
+        if concat is not None:
+            x_in = jnp.concatenate([x_in, concat.astype(x_in.dtype)], axis=-1)
         t = sampler.timesteps[i]
+        kw = dict(added_cond_kwargs=added, class_labels=labels)
         if not plan.cfg:
-            return unet(x_in.astype(unet_dtype(unet)), t, context, added_cond_kwargs=added).astype(jnp.float32)
+            return unet(x_in.astype(unet_dtype(unet)), t, context, **kw).astype(jnp.float32)
         pair = jnp.repeat(x_in, 2, axis=0)
-        out = unet(pair.astype(unet_dtype(unet)), t, context, added_cond_kwargs=added).astype(jnp.float32)
+        out = unet(pair.astype(unet_dtype(unet)), t, context, **kw).astype(jnp.float32)
         out = out.reshape(-1, 2, *out.shape[1:])
         uncond_out, cond_out = out[:, 0], out[:, 1]
         guided = uncond_out + scale * (cond_out - uncond_out)
@@ -526,7 +581,7 @@ def _generate(text_states, unet_state, vae_state, inputs, scalars, *, plan: _Pla
     if not plan.decode:
         return x
     z = (x / scaling_factor).astype(vae_dtype(vae))
-    decoded = vae.tiled_decode(z) if plan.vae_tiling else vae.decode(z)
+    decoded = vae.decode(z, tile=plan.vae_tiling, tile_size=plan.vae_tile_size)  # tiles only if larger than one
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -711,6 +766,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         denoising_end: float | None = None,
         refiner: "StableDiffusionXLPipeline | None" = None,
         high_noise_frac: float | None = None,
+        refiner_num_inference_steps: int | None = None,
     ) -> PipelineOutput:
         """Generate images; the arguments of `StableDiffusionPipeline.__call__` plus SDXL's.
 
@@ -726,6 +782,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         refiner, high_noise_frac: ensemble of expert denoisers in one call: this pipeline runs the first
         high_noise_frac of the schedule (denoising_end), `refiner` the rest (denoising_start) from its latents,
         with the same prompts, negatives, sampler, steps, guidance, seed and micro-conditioning.
+        refiner_num_inference_steps: the length of the refiner's own schedule (default num_inference_steps), of
+        which it runs the part after high_noise_frac, as diffusers' refiner called with that num_inference_steps
+        and denoising_start=high_noise_frac (40 steps at 0.8: about the last 8).
         """
         options = dict(
             prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
@@ -739,8 +798,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale,
         )
         if refiner is None:
-            if high_noise_frac is not None:
-                raise ValueError("high_noise_frac needs refiner= (the pipeline that denoises the rest)")
+            if high_noise_frac is not None or refiner_num_inference_steps is not None:
+                what = "high_noise_frac" if high_noise_frac is not None else "refiner_num_inference_steps"
+                raise ValueError(f"{what} needs refiner= (the pipeline that denoises the rest)")
             return self._generate_images(
                 prompt, negative_prompt, height=height, width=width, latents=latents, image=image,
                 mask_image=mask_image, strength=strength, output_type=output_type, denoising_start=denoising_start,
@@ -754,13 +814,56 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             raise ValueError("refiner= needs high_noise_frac (the fraction of the schedule the base denoises)")
         if refiner.vae_scale_factor != self.vae_scale_factor or refiner.latent_channels != self.latent_channels:
             raise ValueError("the refiner's VAE latents differ from this pipeline's; they cannot be handed over")
+        refiner_common = dict(common)
+        if refiner_num_inference_steps is not None:
+            refiner_common["num_inference_steps"] = refiner_num_inference_steps
+        # before the base runs: the refiner's part of its schedule must hold at least one step
+        self._refiner_calls(refiner, frac, sampler, num_inference_steps, refiner_num_inference_steps)
         handed = self._generate_images(
             prompt, negative_prompt, height=height, width=width, latents=latents, image=image, mask_image=mask_image,
             strength=strength, output_type="latent", denoising_start=denoising_start, denoising_end=frac,
-            text_options=options, **common).images
+            text_options=options, **common)
+        # with several processes each holds its own rows; the refiner's batch needs them all
+        handed = distributed.gather_rows(handed.images, handed.indices,
+                                         len(_to_list(prompt)) * int(num_images_per_prompt))
         return refiner._generate_images(
             prompt, negative_prompt, height=None, width=None, latents=None, image=handed, mask_image=None,
-            strength=strength, output_type=output_type, denoising_start=frac, text_options=options, **common)
+            strength=strength, output_type=output_type, denoising_start=frac, text_options=options,
+            **refiner_common)
+
+    def handoff_steps(self, refiner: "StableDiffusionXLPipeline", high_noise_frac: float, *, sampler: str = "euler",
+                      num_inference_steps: int = 50, refiner_num_inference_steps: int | None = None):
+        """The sampler calls each side runs in a txt2img `self(..., refiner=refiner, high_noise_frac=...)`:
+        (range of the base's calls out of num_inference_steps' schedule, range of the refiner's calls out of its own
+        schedule). Raises ValueError (one line) if either side would have no step."""
+        frac = _check_fraction(high_noise_frac, "high_noise_frac")
+        if frac is None:
+            raise ValueError("high_noise_frac is required")
+        made = samplers_lib.make_sampler(sampler, self.scheduler_config, num_inference_steps)
+        try:
+            _, end = self._schedule_range(made, "txt2img", 1.0, None, frac, num_inference_steps)
+        except ValueError:
+            raise ValueError(f"high_noise_frac {frac} leaves the base no step of its {num_inference_steps}: raise "
+                             "high_noise_frac or num_inference_steps") from None
+        return range(0, end), self._refiner_calls(refiner, frac, sampler, num_inference_steps,
+                                                  refiner_num_inference_steps)
+
+    @staticmethod
+    def _refiner_calls(refiner, frac, sampler, num_inference_steps, refiner_num_inference_steps) -> range:
+        steps = num_inference_steps if refiner_num_inference_steps is None else refiner_num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            name = "num_inference_steps" if refiner_num_inference_steps is None else "refiner_num_inference_steps"
+            raise ValueError(f"{name} must be an int of at least 1, got {steps!r}")
+        try:
+            made = samplers_lib.make_sampler(sampler, refiner.scheduler_config, int(steps))
+        except ValueError as e:
+            raise ValueError(f"the refiner's steps: {e}") from None
+        try:
+            start, end = refiner._schedule_range(made, "img2img", 1.0, frac, None, int(steps))
+        except ValueError:
+            raise ValueError(f"the refiner's {steps}-step schedule has no step after high_noise_frac {frac}: lower "
+                             "high_noise_frac or raise refiner_num_inference_steps") from None
+        return range(start, end)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,19 +15,26 @@ def settings(argv):
 
 
 def test_there_are_configs_for_each_model_family():
-    assert {p.stem for p in CONFIGS} >= {"sd15", "sd21", "sdxl", "tiny"}
+    assert {p.stem for p in CONFIGS} >= {"sd15", "sd21", "sdxl", "sdxl_refiner", "tiny", "x4_upscaler"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses(path):
     raw = cli.load_config(str(path))
     assert raw, path
-    s = settings(["txt2img", "--config", str(path)])
+    upscaler = "noise_level" in raw  # `sdjax upscale`: no H/W, the output is 4x the input image
+    s = settings(["upscale", "--config", str(path), "--init-img", "low.png"] if upscaler
+                 else ["txt2img", "--config", str(path)])
     assert s["sampler"] in SAMPLERS
     assert int(s["ddim_steps"]) >= 1 and float(s["scale"]) > 0
-    assert int(s["H"]) % 8 == 0 and int(s["W"]) % 8 == 0
+    if upscaler:
+        assert int(s["noise_level"]) >= 0 and 0 <= int(s["tile_overlap"]) < int(s["tile_size"])
+    else:
+        assert int(s["H"]) % 8 == 0 and int(s["W"]) % 8 == 0
     assert s["precision"] in ("full", "autocast")
     assert cli.mesh_devices(s["mesh"])  # every device by default
+    if "refiner" in raw:  # the SDXL base -> refiner hand-off
+        assert 0.0 < s["high_noise_frac"] < 1.0 and int(s.get("refiner_steps") or s["ddim_steps"]) >= 1
 
 
 def test_flags_override_config():

@@ -1,0 +1,432 @@
+"""The x4 upscaler against diffusers' `StableDiffusionUpscalePipeline` on a tiny random model (fp32, CPU), its tiled
+mode, and `sdjax upscale`.
+
+Both sides get the same weights and the same random numbers: sdjax's initial latents go in as diffusers'
+`latents=`, and diffusers' `randn_tensor` is patched to hand out, in call order, the low-res image noise and the
+sampler noise that sdjax draws.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from PIL import Image  # noqa: E402
+
+import sdjax  # noqa: E402
+from sdjax import cli  # noqa: E402
+from sdjax import pipeline as pl  # noqa: E402
+from sdjax import samplers  # noqa: E402
+from sdjax import upscale as up  # noqa: E402
+from sdjax.bulk import SAMPLE_NAME  # noqa: E402
+
+from pipeline_fixtures import TOKENIZER_DIR, run_on_devices, smooth_image  # noqa: E402
+
+h, w = 16, 24  # low-res size (non-square); output 64x96
+STEPS = 4
+TOL = 5e-4
+PROMPTS = ["a red circle on a blue background", "a green square"]
+NEGATIVES = ["blurry", "a yellow triangle"]
+
+# as stabilityai/stable-diffusion-x4-upscaler: v-prediction DDIM, DDPM low-res noising
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                 prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                 clip_sample=False)
+LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                         clip_sample=False, variance_type="fixed_small")
+
+
+def build_upscaler(folder: Path, seed: int = 0) -> Path:
+    """A tiny random x4 upscaler folder: 7-channel UNet with noise-level class embeddings and cross-attention-only
+    blocks, factor-4 VAE (scaling factor 0.08333), tiny CLIP text encoder, DDIM + DDPM low-res scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=16, in_channels=7, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=(True, True, False), num_class_embeds=1000, attention_head_dim=8,
+        cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, sample_size=32, scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+    ))
+    # wide random weights, norm gains near 1: every input (text, low-res image, noise level) visibly matters
+    for module, std in ((unet, 0.05), (vae, 0.1), (text_encoder, 0.1)):
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.data.normal_(1.0, 0.1)
+            else:
+                p.data.normal_(0.0, std)
+    pipe = diffusers.StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
+        low_res_scheduler=DDPMScheduler(**LOW_RES_SCHEDULER), scheduler=DDIMScheduler(**SCHEDULER),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+    # XLA's optimisation passes take most of the compile time of these small programs and change nothing that the
+    # tolerances could see; restored for the rest of the session
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_upscaler(tmp_path_factory.mktemp("upscaler") / "tiny_x4")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return sdjax.StableDiffusionUpscalePipeline.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def ref(folder):
+    p = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _pil(a):
+    return Image.fromarray((a * 255).round().astype(np.uint8))
+
+
+LOW = [_pil(smooth_image(h, w, 0)), _pil(smooth_image(h, w, 3))]
+
+
+def diffusers_scheduler(name, folder):
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
+
+
+class NoiseQueue:
+    """Replaces diffusers' randn_tensor: returns the queued arrays (NHWC numpy -> NCHW torch) in order."""
+
+    def __init__(self, arrays):
+        self.arrays = list(arrays)
+
+    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
+        assert self.arrays, f"diffusers asked for more noise than expected (shape {tuple(shape)})"
+        t = torch.from_numpy(np.ascontiguousarray(self.arrays.pop(0).transpose(0, 3, 1, 2)))
+        assert tuple(t.shape) == tuple(shape), (tuple(t.shape), tuple(shape))
+        return t.to(dtype or torch.float32)
+
+
+def patch_noise(monkeypatch, arrays):
+    queue = NoiseQueue(arrays)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("diffusers") and hasattr(module, "randn_tensor"):
+            monkeypatch.setattr(module, "randn_tensor", queue, raising=False)
+    return queue
+
+
+def step_noises(n, seed=0):
+    """The sampler noise sdjax draws at each call index (stochastic samplers; diffusers asks once per step)."""
+    keys = pl.image_keys(seed, np.arange(n), np.zeros(n, int))
+    return [np.asarray(pl.image_noise(keys, (h, w, 4), pl._STREAM_STEP + i)) for i in range(4 * STEPS + 2)]
+
+
+def nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def run_both(pipe, ref, folder, monkeypatch, *, sampler, prompts, negatives=None, scale=7.5, noise_level=20,
+             seed=0):
+    """(sdjax images, diffusers images) of one call: diffusers gets the noise sdjax draws for the seed (initial
+    latents, low-res noise, sampler noise), and must ask for exactly the low-res and sampler noise."""
+    n = len(prompts)
+    latents, low_res_noise = pipe.default_noise(h, w, seed=seed, num_prompts=n)
+    ours = pipe(prompts, LOW[:n], negatives, num_inference_steps=STEPS, guidance_scale=scale,
+                noise_level=noise_level, sampler=sampler, seed=seed, output_type="np").images
+    ref.scheduler = diffusers_scheduler(sampler, folder)
+    queue = patch_noise(monkeypatch, [low_res_noise] + step_noises(n, seed))
+    theirs = ref(prompts, LOW[:n], num_inference_steps=STEPS, guidance_scale=scale, noise_level=noise_level,
+                 negative_prompt=negatives, latents=nchw(latents), output_type="np").images
+    assert len(queue.arrays) == 4 * STEPS + 2 - (STEPS if sampler in ("euler_a", "ddpm") else 0)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "euler_a"])
+def test_matches_diffusers(sampler, pipe, ref, folder, monkeypatch):
+    ours, theirs = run_both(pipe, ref, folder, monkeypatch, sampler=sampler, prompts=PROMPTS[:1])
+    assert ours.shape == theirs.shape == (1, 4 * h, 4 * w, 3)
+    diff = np.abs(ours - theirs).max()
+    print(f"{sampler}: max abs diff {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_guidance_negative_prompts_and_noise_level(pipe, ref, folder, monkeypatch):
+    """Two prompts with their own images and negative prompts, a high noise level; and the inputs matter: another
+    low-res noise, noise level or no negative prompts move the images far beyond the tolerance (measured: max
+    0.51, 0.35, 0.042)."""
+    ours, theirs = run_both(pipe, ref, folder, monkeypatch, sampler="dpmpp_2m", prompts=PROMPTS,
+                            negatives=NEGATIVES, scale=6.0, noise_level=150)
+    assert ours.shape == (2, 4 * h, 4 * w, 3)
+    diff = np.abs(ours - theirs).max()
+    print(f"two prompts, negatives, noise level 150: max abs diff {diff:.2e}")
+    assert diff <= TOL
+    call = dict(num_inference_steps=STEPS, guidance_scale=6.0, sampler="dpmpp_2m", output_type="np")
+    other_noise = pipe(PROMPTS, LOW, NEGATIVES, noise_level=150, seed=1, latents=pipe.default_noise(h, w, 0, 2)[0],
+                       **call).images
+    other_level = pipe(PROMPTS, LOW, NEGATIVES, noise_level=20, **call).images
+    no_negative = pipe(PROMPTS, LOW, noise_level=150, **call).images
+    for other in (other_noise, other_level, no_negative):
+        assert np.abs(other - ours).max() > 20 * TOL
+
+
+def test_without_guidance_and_latent_output(pipe, ref, folder, monkeypatch):
+    latents, noise = pipe.default_noise(h, w, seed=3)
+    ours = pipe(PROMPTS[0], LOW[0], num_inference_steps=STEPS, guidance_scale=1.0, seed=3,
+                output_type="latent").images
+    ref.scheduler = diffusers_scheduler("ddim", folder)
+    patch_noise(monkeypatch, [noise])
+    theirs = ref(PROMPTS[0], LOW[0], num_inference_steps=STEPS, guidance_scale=1.0, latents=nchw(latents),
+                 output_type="latent").images
+    assert ours.shape == (1, h, w, 4)
+    assert np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max() <= 1e-4
+
+
+def test_images_per_prompt_share_injected_noise_as_diffusers(pipe, ref, folder, monkeypatch):
+    """diffusers draws the low-res noise once per prompt; given one (1, h, w, 3) array, sdjax uses it for every
+    image too. PIL input whose size is not a multiple of 4 is resized (bicubic) as diffusers does."""
+    odd = _pil(smooth_image(h + 3, w + 2, 5))
+    noise = np.random.default_rng(7).standard_normal((1, h, w, 3)).astype(np.float32)
+    latents = np.random.default_rng(8).standard_normal((2, h, w, 4)).astype(np.float32)
+    ours = pipe(PROMPTS[1], odd, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
+                sampler="euler", latents=latents, low_res_noise=noise, output_type="np").images
+    ref.scheduler = diffusers_scheduler("euler", folder)
+    patch_noise(monkeypatch, [noise])
+    theirs = ref(PROMPTS[1], odd, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
+                 latents=nchw(latents), output_type="np").images
+    assert ours.shape == (2, 4 * h, 4 * w, 3)
+    assert np.abs(ours - theirs).max() <= TOL
+
+
+def test_loads_as_stable_diffusion_pipeline(folder, pipe):
+    loaded = sdjax.StableDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(loaded, sdjax.StableDiffusionUpscalePipeline)
+    assert loaded.max_noise_level == 350 and loaded.vae.config.scaling_factor == 0.08333
+    assert loaded.vae_scale_factor == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(noise_level=351), "noise_level"),
+        (dict(noise_level=-1), "noise_level"),
+        (dict(noise_level=2.5), "noise_level"),
+        (dict(image=np.zeros((18, 24, 3), np.float32)), "multiples of 4"),
+        (dict(latents=np.zeros((1, 8, 8, 4), np.float32)), "latents"),
+        (dict(low_res_noise=np.zeros((1, h, w, 4), np.float32)), "low_res_noise"),
+        (dict(tile_size=4), "tile_size"),
+        (dict(tile_size=16, tile_overlap=16), "tile_overlap"),
+        (dict(tile_overlap=4), "tile_overlap needs tile_size"),
+        (dict(sampler="nope"), "nope"),
+    ],
+)
+def test_bad_input_raises_one_line_value_error(pipe, kwargs, words):
+    call = dict(prompt=PROMPTS[0], image=LOW[0], num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(ValueError) as e:
+        pipe(**call)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiles
+
+BIG = (40, 56)  # low-res; tiles of 24 overlapping by >= 8: rows start at 0, 16; columns at 0, 16, 32
+
+
+def test_tile_layout():
+    assert up._tile_starts(40, 24, 8) == ([0, 16], 24)
+    assert up._tile_starts(56, 24, 8) == ([0, 16, 32], 24)
+    assert up._tile_starts(16, 24, 8) == ([0], 16)
+    assert up._tile_starts(512, 128, 32) == ([0, 96, 192, 288, 384], 128)
+    starts, tile = up._tile_starts(500, 128, 32)
+    assert starts[0] == 0 and starts[-1] + tile == 500
+    assert min(a + tile - b for a, b in zip(starts, starts[1:])) >= 32
+
+
+def test_one_tile_equals_untiled(pipe):
+    """An image within one tile is upscaled exactly as without tiling (whatever tile_size and the sampler)."""
+    call = dict(num_inference_steps=STEPS, guidance_scale=5.0, sampler="euler_a", seed=4, output_type="np")
+    whole = pipe(PROMPTS[0], LOW[0], **call).images
+    tiled = pipe(PROMPTS[0], LOW[0], tile_size=max(h, w), tile_overlap=8, **call).images
+    assert np.array_equal(whole, tiled)
+
+
+def seam_score(image):
+    """How much the strongest row or column step of (H, W, 3) stands out: the largest mean |difference| of
+    neighbouring rows (columns) over the median one. A tile pasted without blending leaves a step at its edge."""
+    scores = []
+    for axis in (0, 1):
+        steps = np.abs(np.diff(image, axis=axis)).mean(axis=(1 - axis, 2))
+        scores.append(steps.max() / np.median(steps))
+    return max(scores)
+
+
+def test_tiles_blend_into_the_full_image(pipe):
+    """A 40x56 image in 2x3 tiles of 24 overlapping by 8: pixels covered by one tile are that tile's own upscale
+    (its crop of the image and of the full-size noise), pixels in overlaps a convex mix of the tiles there, and the
+    blend leaves no seam.
+
+    Seams: the seam score of the tiled upscale stays at the untiled one's (measured 1.30 vs 1.31), while the same
+    tiles pasted without blending score 1.75. Against the untiled upscale the tiled one differs by mean 0.067, max
+    0.60 (pasted tiles: 0.087, 1.0): on this random model every output pixel depends on the whole tile (GroupNorm
+    statistics and self-attention span the tile, not the image), so a tile is not the untiled image's crop."""
+    big = smooth_image(*BIG, seed=9)
+    call = dict(num_inference_steps=STEPS, guidance_scale=5.0, sampler="ddim", seed=2, output_type="np")
+    tiled = pipe(PROMPTS[0], big, tile_size=24, tile_overlap=8, **call).images
+    assert tiled.shape == (1, 4 * BIG[0], 4 * BIG[1], 3) and np.isfinite(tiled).all()
+    tiled = tiled[0]
+
+    latents, noise = pipe.default_noise(*BIG, seed=2)
+    cover = np.zeros(tiled.shape[:2], int)
+    lo = np.full(tiled.shape, np.inf, np.float32)
+    hi = np.full(tiled.shape, -np.inf, np.float32)
+    pasted = np.zeros_like(tiled)
+    tiles = []
+    for y in (0, 16):
+        for x in (0, 16, 32):
+            crop = (slice(None), slice(y, y + 24), slice(x, x + 24))
+            out = pipe(PROMPTS[0], big[y:y + 24, x:x + 24], latents=latents[crop], low_res_noise=noise[crop],
+                       **call).images[0]
+            region = (slice(4 * y, 4 * y + 96), slice(4 * x, 4 * x + 96))
+            tiles.append((region, out))
+            cover[region] += 1
+            lo[region] = np.minimum(lo[region], out)
+            hi[region] = np.maximum(hi[region], out)
+            pasted[region] = out
+    assert (cover > 1).any() and (cover == 1).any()
+    for region, out in tiles:
+        alone, shared = cover[region] == 1, cover[region] > 1
+        assert np.abs(tiled[region][alone] - out[alone]).max() <= 1e-6
+        # overlaps are mixes, not one tile laid over the others
+        assert np.abs(tiled[region][shared] - out[shared]).max() > 1e-3
+    assert np.all(tiled >= lo - 1e-6) and np.all(tiled <= hi + 1e-6)
+
+    whole = pipe(PROMPTS[0], big, **call).images[0]
+    scores = {name: seam_score(im) for name, im in (("untiled", whole), ("tiled", tiled), ("pasted", pasted))}
+    diff = np.abs(tiled - whole)
+    print(f"seam scores {scores}; tiled vs untiled: max {diff.max():.4f}, mean {diff.mean():.5f}")
+    assert scores["pasted"] >= scores["untiled"] + 0.3  # the score sees a seam where there is one
+    assert scores["tiled"] <= scores["untiled"] + 0.1
+    assert diff.mean() <= 0.1
+
+
+MULTI_DEVICE_SCRIPT = """
+import sys, numpy as np, jax
+import sdjax
+from pipeline_fixtures import smooth_image
+assert len(jax.devices()) == int(sys.argv[4]), jax.devices()
+pipe = sdjax.StableDiffusionUpscalePipeline.from_pretrained(sys.argv[1])
+out = pipe(["a red circle", "a blue square", "a white triangle"], smooth_image(16, 40, 1), ["", "dark", ""],
+           num_inference_steps=2, guidance_scale=5.0, sampler=sys.argv[2], num_images_per_prompt=2, seed=3,
+           tile_size=16, output_type="np").images
+np.save(sys.argv[3], out)
+"""
+
+
+def test_same_images_on_1_and_8_devices(folder, tmp_path, monkeypatch):
+    """6 images (padded to 8) in 3 tiles, with a stochastic sampler: the same images on 8 fake CPU devices as on
+    1, up to float32 rounding amplified by the wide weights (measured 1.0e-5; see test_pipeline's device-count
+    tests). A fault in padding, per-image inputs or the tiles' keys would differ by O(0.1)."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=":")
+    results = run_on_devices(tmp_path, MULTI_DEVICE_SCRIPT, folder, "euler_a")
+    assert results[1].shape == (6, 64, 160, 3)
+    assert np.abs(results[1] - results[8]).max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sdjax upscale
+
+
+def test_cli_upscale_files_metadata_manifest(folder, pipe, tmp_path):
+    low = tmp_path / "low.png"
+    LOW[0].save(low)
+    out = tmp_path / "out"
+    args = ["upscale", "--init-img", str(low), "--prompt", PROMPTS[0], "--ckpt", str(folder), "--outdir", str(out),
+            "--ddim_steps", "2", "--scale", "5", "--seed", "7", "--noise-level", "30", "--n_samples", "2",
+            "--sampler", "euler"]
+    assert cli.main(args) == 0
+    files = sorted(p for p in (out / "samples").iterdir() if SAMPLE_NAME.match(p.name))
+    assert [p.name for p in files] == ["00000.png", "00001.png"]
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["samples/00000.png", "samples/00001.png"]
+    assert records[0]["noise_level"] == 30 and records[0]["mode"] == "upscale"
+    im = Image.open(files[0])
+    assert im.size == (4 * w, 4 * h)
+    lines = im.text["parameters"].split("\n")
+    assert lines[0] == PROMPTS[0]
+    assert lines[2].startswith("Steps: 2, Sampler: euler, CFG scale: 5.0, Seed: 7, Size: 96x64, Model: tiny_x4")
+    assert "Noise level: 30" in lines[2]
+    # the saved image is the library's upscale with the same settings; the default tile is the UNet's sample_size
+    # (16 here), so this 16x24 image went through in two tiles
+    again = pipe(PROMPTS[0], LOW[0], num_inference_steps=2, guidance_scale=5.0, noise_level=30, sampler="euler",
+                 seed=[7], num_images_per_prompt=2, tile_size=16, output_type="pil").images
+    assert np.array_equal(np.asarray(im), np.asarray(again[0]))
+    # a second run numbers after the first, never overwriting
+    assert cli.main(args + ["--n_samples", "1"]) == 0
+    assert len(list((out / "samples").glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--init-img", "missing.png"], "no such file"),
+        (["--init-img", "NOT_AN_IMAGE"], "not an image"),
+        (["--noise-level", "-3"], "--noise-level"),
+        (["--noise-level", "1000"], "noise_level"),
+        (["--noise-level", "x"], "invalid int"),
+        (["--tile-size", "2"], "--tile-size"),
+        (["--ddim_steps", "0"], "--ddim_steps"),
+        (["--no-ckpt"], "--ckpt"),
+    ],
+)
+def test_cli_upscale_bad_input_is_one_line_exit_2(folder, tmp_path, capsys, extra, words):
+    low = tmp_path / "low.png"
+    LOW[0].save(low)
+    text = tmp_path / "text.png"
+    text.write_text("hello")
+    args = ["upscale", "--init-img", str(low), "--prompt", "x", "--ckpt", str(folder), "--outdir",
+            str(tmp_path / "out"), "--ddim_steps", "1"]
+    if extra == ["--no-ckpt"]:
+        i = args.index("--ckpt")
+        del args[i:i + 2]
+        extra = []
+    extra = [str(text) if e == "NOT_AN_IMAGE" else str(tmp_path / e) if e == "missing.png" else e for e in extra]
+    assert cli.main(args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdjax: error:") and "\n" not in err and words in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_txt2img_with_an_upscaler_points_to_upscale(folder, tmp_path, capsys):
+    assert cli.main(["txt2img", "--prompt", "x", "--ckpt", str(folder), "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "x4 upscaler: use sdjax upscale" in err and "\n" not in err
