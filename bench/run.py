@@ -1,26 +1,42 @@
 """Benchmarks: sdjax vs diffusers (PyTorch) on full-size SD 1.5 networks with random weights, in the same run.
 
-    python bench/run.py --rows unet256,load --repeats 3 --out docs/benchmarks.md
+    python bench/run.py --rows unet256,text,load --rounds 3 --repeats 3     # some rows
+    python bench/run.py                                                      # every row (slow: 512² rows)
 
-Each measurement runs in its own process (so peak memory is its own) and prints one JSON line. The SD 1.5 folder
-(real configs, random weights, diffusers layout) is written once under --cache. Numbers are medians over repeats
-after one warm-up call; ratios are sdjax / PyTorch (below 1 means sdjax is faster).
+Every measurement runs in its own process (so its peak memory is its own), and the processes alternate between
+sdjax and PyTorch: round 1 sdjax, round 1 PyTorch, round 2 sdjax, ... (`--rounds`). Inside a process a row makes
+one warm-up call (`first`: for sdjax it includes compilation) and then `--repeats` timed calls; the table shows
+medians over every timed call of every round, as wall time and as process CPU time (all threads: on a shared
+machine wall time swings with the load, CPU time much less).
+
+Results are kept per row in bench/results.json (a later run replaces only the rows it measures) and rendered into
+docs/benchmarks.md between the `results` markers; the rest of that file is left as it is.
+
+The SD 1.5 folder (real configs, random weights, diffusers layout) is written once under --cache.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "sdjax" / "model_configs"
+RESULTS = ROOT / "bench" / "results.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
 ROWS = {
     # name: (description, kwargs)
     "unet256": ("UNet, one CFG step (batch 2), 256², fp32", dict(res=256, dtype="float32")),
@@ -29,8 +45,12 @@ ROWS = {
     "unet512_bf16": ("UNet, one CFG step (batch 2), 512², bf16", dict(res=512, dtype="bfloat16")),
     "vae512": ("VAE decode, one 512² image, fp32", dict(res=512, dtype="float32")),
     "text": ("text encoder, batch 2, fp32", dict(dtype="float32")),
-    "txt2img": ("txt2img, 20 DDIM steps, 512², batch 1, fp32", dict(res=512, steps=20, dtype="float32")),
-    "load": ("from_pretrained of the SD1.5-size folder", dict()),
+    "txt2img": ("txt2img, {steps} DDIM steps, {res}², batch 1, fp32 (first = time to first image)",
+                dict(res=512, steps=20, dtype="float32")),
+    "load": ("from_pretrained, whole SD1.5 pipeline folder (4.1 GB fp32), file in page cache", dict(cache="warm")),
+    "load_unet": ("from_pretrained, SD1.5 UNet (3.4 GB fp32), file in page cache", dict(cache="warm")),
+    "load_cold": ("from_pretrained, whole SD1.5 pipeline folder, files evicted from page cache", dict(cache="cold")),
+    "compile": ("compile the UNet 256² CFG step: cold vs a second process with the persistent cache", dict(res=256)),
 }
 
 
@@ -56,34 +76,88 @@ def sd15_folder(cache: Path) -> Path:
     return folder
 
 
-def _timed(fn, repeats):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+# ----------------------------------------------------------------------------------------------------------------
+# Page cache: the load rows warm (or evict) the weight files before each process, and say how much was resident
 
 
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _weight_files(folder: Path, row: str) -> list[Path]:
+    files = sorted(folder.glob("*/*.safetensors"))
+    return [f for f in files if f.parent.name == "unet"] if row == "load_unet" else files
+
+
+def _resident_fraction(files: list[Path]) -> float | None:
+    """Fraction of the files' pages in the page cache (mincore), None where that cannot be asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        resident = total = 0
+        for f in files:
+            size = f.stat().st_size
+            with open(f, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+                n = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+                if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+                    return None
+                resident += sum(v & 1 for v in vec)
+                total += n
+                del addr
+        return resident / max(total, 1)
+    except (OSError, AttributeError, ValueError, TypeError):
+        return None
+
+
+def _warm(files: list[Path]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def _evict(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One measurement, inside its own process
 
 
-def measure(row: str, framework: str, folder: Path, repeats: int) -> dict:
-    kw = ROWS[row][1]
+def _call_times(fn, repeats):
+    """(first call seconds, [wall seconds], [process CPU seconds]) of `fn`: one warm-up call, then `repeats`."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return first, walls, cpus
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(row: str, framework: str, folder: Path, repeats: int, kw: dict) -> dict:
     if framework == "sdjax":
         out = _measure_sdjax(row, kw, folder, repeats)
     else:
         out = _measure_torch(row, kw, folder, repeats)
     out.update(row=row, framework=framework, peak_rss_mb=round(_peak_rss_mb()))
     return out
+
+
+def _once(fn) -> dict:
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return dict(walls=[time.perf_counter() - t0], cpus=[time.process_time() - c0])
 
 
 def _measure_sdjax(row, kw, folder, repeats):
@@ -96,64 +170,81 @@ def _measure_sdjax(row, kw, folder, repeats):
     from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 
     dtype = getattr(jnp, kw.get("dtype", "float32"))
-    if row == "load":
-        t0 = time.perf_counter()
-        sdjax.StableDiffusionPipeline.from_pretrained(folder)
-        return dict(seconds=time.perf_counter() - t0)
+    if row in ("load", "load_cold"):
+        return _once(lambda: sdjax.StableDiffusionPipeline.from_pretrained(folder))
+    if row == "load_unet":
+        return _once(lambda: jax.block_until_ready(
+            nnx.state(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))))
     if row == "txt2img":
+        if kw.get("compilation_cache"):
+            from sdjax.pipeline import enable_compilation_cache
+
+            enable_compilation_cache(kw["compilation_cache"])
         pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
         run = lambda: pipe("a photo of an astronaut", height=kw["res"], width=kw["res"],  # noqa: E731
-                           num_inference_steps=kw["steps"], output_type="np")
-        first, steady = _timed(run, repeats)
-        return dict(seconds=steady, first_seconds=first)
-    if row.startswith("unet"):
+                           num_inference_steps=kw["steps"], sampler="ddim", output_type="np")
+        first, walls, cpus = _call_times(run, repeats)
+        return dict(first_seconds=first, walls=walls, cpus=cpus)
+
+    # One network call under jax.jit over the module's state, as the pipeline runs it. (nnx.jit would walk the
+    # module graph on every call: 2.2 s of CPU per call for the SD1.5 UNet with flax 0.12.8.)
+    if row.startswith("unet") or row == "compile":
         model = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         r = kw["res"] // 8
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, r, r, 4)), dtype)
-        ctx = jnp.zeros((2, 77, 768), dtype)
-        f = nnx.jit(lambda m, x, c: m(x, 500.0, c))
-        args = (model, x, ctx)
+        args = (jnp.asarray(np.random.default_rng(0).standard_normal((2, r, r, 4)), dtype),
+                jnp.asarray(np.random.default_rng(1).standard_normal((2, 77, 768)), dtype))
+        call = lambda m, x, c: m(x, 500.0, c)  # noqa: E731
     elif row == "vae512":
         model = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype)
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 4)), dtype)
-        f = nnx.jit(lambda m, z: m.decode(z))
-        args = (model, x)
+        args = (jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 4)), dtype),)
+        call = lambda m, z: m.decode(z)  # noqa: E731
     else:  # text
         model = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
-        ids = jnp.ones((2, 77), jnp.int32)
-        f = nnx.jit(lambda m, i: m(i).last_hidden_state)
-        args = (model, ids)
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    compile_s = time.perf_counter() - t0
-    _, steady = _timed(lambda: jax.block_until_ready(f(*args)), repeats)
-    return dict(seconds=steady, first_seconds=compile_s)
+        args = (jnp.ones((2, 77), jnp.int32),)
+        call = lambda m, i: m(i).last_hidden_state  # noqa: E731
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, *a: call(nnx.merge(graphdef, s), *a))
+    if row == "compile":
+        from sdjax.pipeline import enable_compilation_cache
+
+        enable_compilation_cache(kw["compilation_cache"])
+        t0 = time.perf_counter()
+        lowered = f.lower(state, *args)  # tracing: Python, never cached
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        return dict(walls=[t2 - t0], cpus=[float("nan")], lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+    lowered = f.lower(state, *args)
+    cost = lowered.cost_analysis()
+    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost or {}).get("flops")
+    first, walls, cpus = _call_times(lambda: jax.block_until_ready(f(state, *args)), repeats)
+    return dict(first_seconds=first, walls=walls, cpus=cpus, gflop=flops / 1e9 if flops else None)
 
 
 def _measure_torch(row, kw, folder, repeats):
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[kw.get("dtype", "float32")]
-    if row == "load":
-        t0 = time.perf_counter()
-        StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-        return dict(seconds=time.perf_counter() - t0)
+    if row in ("load", "load_cold"):
+        return _once(lambda: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                                     requires_safety_checker=False))
+    if row == "load_unet":
+        return _once(lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
     torch.set_grad_enabled(False)
     if row == "txt2img":
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
                                                        torch_dtype=dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         run = lambda: pipe("a photo of an astronaut", height=kw["res"], width=kw["res"],  # noqa: E731
                            num_inference_steps=kw["steps"], output_type="np")
-        first, steady = _timed(run, repeats)
-        return dict(seconds=steady, first_seconds=first)
-    if row.startswith("unet"):
+    elif row.startswith("unet"):
         m = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
         r = kw["res"] // 8
         x = torch.randn(2, 4, r, r, dtype=dtype)
-        ctx = torch.zeros(2, 77, 768, dtype=dtype)
+        ctx = torch.randn(2, 77, 768, dtype=dtype)
         run = lambda: m(x, 500, ctx)  # noqa: E731
     elif row == "vae512":
         m = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).eval()
@@ -163,8 +254,8 @@ def _measure_torch(row, kw, folder, repeats):
         m = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).eval()
         ids = torch.ones(2, 77, dtype=torch.long)
         run = lambda: m(ids)  # noqa: E731
-    first, steady = _timed(run, repeats)
-    return dict(seconds=steady, first_seconds=first)
+    first, walls, cpus = _call_times(run, repeats)
+    return dict(first_seconds=first, walls=walls, cpus=cpus)
 
 
 def matmul_peak() -> dict:
@@ -175,81 +266,203 @@ def matmul_peak() -> dict:
 
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    _, t_np = _timed(lambda: a @ a, 5)
+    _, t_np, _ = _call_times(lambda: a @ a, 5)
     ja = jnp.asarray(a)
     f = jax.jit(lambda x: x @ x)
-    _, t_jax = _timed(lambda: f(ja).block_until_ready(), 5)
+    _, t_jax, _ = _call_times(lambda: f(ja).block_until_ready(), 5)
     flops = 2 * n ** 3
-    return dict(numpy_gflops=flops / t_np / 1e9, jax_gflops=flops / t_jax / 1e9)
+    return dict(numpy_gflops=flops / statistics.median(t_np) / 1e9, jax_gflops=flops / statistics.median(t_jax) / 1e9)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The driver
 
 
-def run_row(row, framework, folder, repeats, timeout):
+def run_process(row, framework, folder, repeats, kw, timeout) -> dict:
     cmd = [sys.executable, __file__, "--measure", row, "--framework", framework, "--folder", str(folder),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats), "--kw", json.dumps(kw)]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout} s")
     if r.returncode != 0:
-        return dict(row=row, framework=framework, error=r.stderr.strip().splitlines()[-1:])
+        return dict(error=(r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def write_report(results, peak, out: Path):
+def run_row(row, folder, rounds, repeats, timeout, overrides) -> dict:
+    desc, kw = ROWS[row]
+    kw = dict(kw)
+    if row == "txt2img":
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        desc = desc.format(**kw)
+    frameworks = ("sdjax",) if row == "compile" else ("sdjax", "torch")
+    runs = {fw: [] for fw in frameworks}
+    notes = {}
+    cache_dir = tempfile.mkdtemp(prefix="sdjax-bench-cache-") if row in ("compile", "txt2img") else None
+    try:
+        for i in range(rounds if row != "compile" else max(rounds, 2)):
+            for fw in frameworks:
+                if row.startswith("load"):
+                    files = _weight_files(folder, row)
+                    (_evict if kw["cache"] == "cold" else _warm)(files)
+                    notes.setdefault("resident", []).append(_resident_fraction(files))
+                pkw = dict(kw, compilation_cache=cache_dir) if cache_dir and fw == "sdjax" else kw
+                r = run_process(row, fw, folder, repeats, pkw, timeout)
+                print(json.dumps(dict(r, row=row, round=i, framework=fw)), flush=True)
+                runs[fw].append(r)
+    finally:
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    out = dict(description=desc, date=time.strftime("%Y-%m-%d"), machine=machine(), rounds=rounds,
+               repeats=repeats, **notes)
+    for fw, rs in runs.items():
+        errors = [r["error"] for r in rs if "error" in r]
+        if errors:
+            out[fw] = dict(error=errors[0])
+            continue
+        res = dict(
+            seconds=statistics.median(w for r in rs for w in r["walls"]),
+            cpu_seconds=_nanmedian([c for r in rs for c in r["cpus"]]),
+            peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+            all_seconds=[round(w, 3) for r in rs for w in r["walls"]],
+        )
+        if rs[0].get("first_seconds") is not None:
+            res["first_seconds"] = statistics.median(r["first_seconds"] for r in rs)
+            res["first_each_round"] = [round(r["first_seconds"], 2) for r in rs]
+        if rs[0].get("gflop"):
+            res["gflop"] = rs[0]["gflop"]
+        if row == "compile":  # round 1 compiles into an empty cache, later rounds read it
+            for key in ("lower_seconds", "compile_seconds"):
+                res["cold_" + key] = rs[0][key]
+                res["cached_" + key] = statistics.median(r[key] for r in rs[1:])
+        out[fw] = res
+    return out
+
+
+def _nanmedian(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else None
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{model}, {os.cpu_count()} CPUs, load average {load:.1f} at the start of the row"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _f(x, fmt="{:.2f}"):
+    return "" if x is None else fmt.format(x)
+
+
+def render(results: dict) -> str:
     import jax
     import torch
 
     lines = [
-        "# Benchmarks: sdjax vs diffusers (PyTorch)", "",
-        f"Measured {time.strftime('%Y-%m-%d')} by `python bench/run.py` on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}. "
-        "Full-size SD 1.5 networks with random weights. Medians after a warm-up; ratio = sdjax / PyTorch "
-        "(below 1: sdjax faster). `first` is the first call (sdjax: includes compilation).", "",
-        f"Matmul peak (2048², fp32): numpy {peak['numpy_gflops']:.0f} GFLOP/s, jax {peak['jax_gflops']:.0f} GFLOP/s.",
-        "", "| measurement | sdjax s | PyTorch s | ratio | sdjax first s | PyTorch first s | sdjax peak RSS MB | "
-        "PyTorch peak RSS MB |", "|---|---|---|---|---|---|---|---|",
+        f"Versions: jax {jax.__version__}, torch {torch.__version__}. Each row says when and where it was measured "
+        "(`bench/results.json` has every call).", "",
     ]
-    by = {(r["row"], r["framework"]): r for r in results}
-    for row, (desc, _) in ROWS.items():
-        a, b = by.get((row, "sdjax")), by.get((row, "torch"))
-        if not a or not b:
+    if "matmul" in results:
+        m = results["matmul"]
+        lines += [f"Matmul peak (2048², fp32), {m['date']}: numpy {m['numpy_gflops']:.0f} GFLOP/s, "
+                  f"jax {m['jax_gflops']:.0f} GFLOP/s.", ""]
+    lines += [
+        "| measurement | sdjax s | PyTorch s | ratio | sdjax CPU s | PyTorch CPU s | sdjax first s | "
+        "PyTorch first s | sdjax peak RSS MB | PyTorch peak RSS MB | GFLOP | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        if row not in results or row == "compile":
             continue
+        r = results[row]
+        a, b = r.get("sdjax", {}), r.get("torch", {})
         if "error" in a or "error" in b:
-            lines.append(f"| {desc} | error: {a.get('error') or ''} | {b.get('error') or ''} | | | | | |")
+            lines.append(f"| {r['description']} | error: {a.get('error', '')} | {b.get('error', '')} |"
+                         + " |" * 9)
             continue
+        ratio = a["seconds"] / b["seconds"] if a.get("seconds") and b.get("seconds") else None
+        resident = r.get("resident")
+        where = f"{r['date']}; {r['machine']}"
+        if resident and None not in resident:
+            where += f"; page cache {min(resident) * 100:.0f}-{max(resident) * 100:.0f}% resident before loads"
         lines.append(
-            f"| {desc} | {a['seconds']:.2f} | {b['seconds']:.2f} | {a['seconds'] / b['seconds']:.2f} | "
-            f"{a.get('first_seconds', float('nan')):.2f} | {b.get('first_seconds', float('nan')):.2f} | "
-            f"{a['peak_rss_mb']} | {b['peak_rss_mb']} |"
+            f"| {r['description']} | {_f(a.get('seconds'))} | {_f(b.get('seconds'))} | {_f(ratio)} | "
+            f"{_f(a.get('cpu_seconds'))} | {_f(b.get('cpu_seconds'))} | {_f(a.get('first_seconds'))} | "
+            f"{_f(b.get('first_seconds'))} | {a.get('peak_rss_mb', '')} | {b.get('peak_rss_mb', '')} | "
+            f"{_f(a.get('gflop'), '{:.0f}')} | {where} |"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    if "compile" in results:
+        c = results["compile"]
+        a = c.get("sdjax", {})
+        if "error" in a:
+            lines += ["", f"Compile: error {a['error']}"]
+        elif "cold_compile_seconds" in a:
+            cold, cached = a["cold_compile_seconds"], a["cached_compile_seconds"]
+            lines += ["", f"Compile ({c['description']}; {c['date']}; {c['machine']}): XLA compile cold {cold:.2f} s, "
+                          f"second process {cached:.2f} s ({cached / cold * 100:.0f}% of cold); tracing and lowering "
+                          f"(Python, not cached) {a['cold_lower_seconds']:.2f} s and {a['cached_lower_seconds']:.2f} s."]
+    return "\n".join(lines)
+
+
+def write_doc(results: dict, doc: Path) -> None:
+    table = render(results)
+    text = doc.read_text() if doc.is_file() else "# Benchmarks: sdjax vs diffusers (PyTorch)\n\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + START + "\n" + table + "\n" + END + "\n"
+    doc.write_text(text)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}, matmul")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per framework, alternating sdjax/PyTorch")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per process after the warm-up call")
+    ap.add_argument("--txt2img-steps", type=int, help="override the txt2img row's 20 steps (a quick dry run)")
+    ap.add_argument("--txt2img-res", type=int, help="override the txt2img row's 512² resolution")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "sdjax-bench"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
-    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--out", default=str(DOC), help="markdown file whose results section is rewritten")
+    ap.add_argument("--timeout", type=int, default=7200)
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--framework", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--kw", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.framework, Path(args.folder), args.repeats)))
+        print(json.dumps(measure(args.measure, args.framework, Path(args.folder), args.repeats, json.loads(args.kw))))
         return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS and r != "matmul"]
+    if unknown:
+        ap.error(f"unknown rows: {', '.join(unknown)}")
     folder = sd15_folder(Path(args.cache))
-    results = []
-    for row in args.rows.split(","):
-        for fw in ("sdjax", "torch"):
-            r = run_row(row, fw, folder, args.repeats, args.timeout)
-            print(json.dumps(r), flush=True)
-            results.append(r)
-    write_report(results, matmul_peak(), Path(args.out))
-    print(f"wrote {args.out}")
+    results_file = Path(args.results)
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    overrides = dict(steps=args.txt2img_steps, res=args.txt2img_res)
+    for row in rows:
+        if row == "matmul":
+            results["matmul"] = dict(date=time.strftime("%Y-%m-%d"), machine=machine(), **matmul_peak())
+        else:
+            results[row] = run_row(row, folder, args.rounds, args.repeats, args.timeout, overrides)
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+        write_doc(results, Path(args.out))
+    write_doc(results, Path(args.out))
+    print(f"wrote {results_file} and {args.out}")
 
 
 if __name__ == "__main__":

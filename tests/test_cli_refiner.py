@@ -11,11 +11,10 @@ from PIL import Image
 from sdjax import cli
 from sdjax.bulk import SAMPLE_NAME
 
-from pipeline_fixtures import build_pipeline
+from pipeline_fixtures import build_pipeline, build_sdxl
 
 pytest.importorskip("diffusers")
 
-from test_sdxl import build_sdxl  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 # 4 base steps at 0.7: the base runs timesteps 751, 501; the refiner's own 10-step schedule then runs 201, 101, 1

@@ -13,11 +13,9 @@ from PIL import Image
 
 from sdjax import cli
 
-from pipeline_fixtures import build_clip, build_pipeline
+from pipeline_fixtures import build_clip, build_pipeline, build_sdxl
 
 pytest.importorskip("diffusers")
-
-from test_sdxl import build_sdxl  # noqa: E402
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ call order, the noise sdjax draws for each image (initial noise, VAE posterior s
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import box_mask, build_pipeline, run_on_devices, smooth_image  # noqa: E402
+from pipeline_fixtures import box_mask, build_pipeline, patch_noise, run_on_devices, smooth_image  # noqa: E402
 
 H, W = 32, 48  # non-square; the tiny VAE has factor 2, so latents are 16x24
 PROMPTS = ["a red circle on a blue background", "a green square"]
@@ -62,28 +61,6 @@ def refs(folders):
         p.set_progress_bar_config(disable=True)
         out[k] = p
     return out
-
-
-class NoiseQueue:
-    """Replaces diffusers' randn_tensor: returns the queued arrays (NHWC numpy -> NCHW torch) in order."""
-
-    def __init__(self, arrays):
-        self.arrays = list(arrays)
-
-    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
-        assert self.arrays, f"diffusers asked for more noise than expected (shape {tuple(shape)})"
-        a = self.arrays.pop(0)
-        t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-        assert tuple(t.shape) == tuple(shape), (tuple(t.shape), tuple(shape))
-        return t.to(dtype or torch.float32)
-
-
-def patch_noise(monkeypatch, arrays):
-    queue = NoiseQueue(arrays)
-    for name, module in list(sys.modules.items()):
-        if name.startswith("diffusers") and hasattr(module, "randn_tensor"):
-            monkeypatch.setattr(module, "randn_tensor", queue, raising=False)
-    return queue
 
 
 def sdjax_noise(n_prompts, latent_shape, stream=None, seed=0):

@@ -8,7 +8,6 @@ of factor 2; the refiner-like pipeline has only text_encoder_2 and `requires_aes
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import TOKENIZER_DIR, run_on_devices, smooth_image  # noqa: E402
-from test_pipeline import _pil, diffusers_scheduler, patch_noise, sdjax_noise  # noqa: E402
+from pipeline_fixtures import build_sdxl, patch_noise, run_on_devices, smooth_image  # noqa: E402
+from test_pipeline import _pil, diffusers_scheduler, sdjax_noise  # noqa: E402
 
 H, W = 32, 48  # non-square; latents 16x24
 LATENT = (H // 2, W // 2, 4)
@@ -31,65 +30,6 @@ NEGATIVES = ["blurry", "a yellow triangle"]
 NEGATIVES_2 = ["low quality", "dark"]
 STEPS = 5
 TOL = 5e-4
-SCHEDULER = dict(  # SDXL's own scheduler config (EulerDiscreteScheduler, leading spacing)
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-)
-
-
-def build_sdxl(folder: Path, *, refiner: bool = False, seed: int = 0) -> Path:
-    """Write a tiny random SDXL base (or refiner: text_encoder_2 only, aesthetic score) pipeline folder."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=49408, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, projection_dim=24)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, hidden_act="quick_gelu", pad_token_id=49407,
-                                                **common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=40, hidden_act="gelu", pad_token_id=0,
-                                                                **common))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=(5 if refiner else 6) * 8 + 24,
-        cross_attention_dim=40 if refiner else 32 + 40, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, sample_size=32, scaling_factor=0.13025,
-    )
-    # Random weights with norm gains near 1: with diffusers' tiny-test init (or gains near 0) the decoded image is
-    # nearly constant and the text/size conditioning moves it by less than the tolerance, so parity would not see it.
-    for module, std in ((unet, 0.05), (vae, 0.1), (text_encoder, 0.1), (text_encoder_2, 0.1)):
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.data.normal_(0.0, std)
-            elif name.endswith("weight"):
-                p.data.normal_(1.0, 0.1)
-            else:
-                p.data.normal_(0.0, 0.02)
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
-    scheduler = EulerDiscreteScheduler(**SCHEDULER)
-    if refiner:
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
-            add_watermarker=False)
-    else:
-        pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-            add_watermarker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")

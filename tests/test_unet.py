@@ -9,7 +9,6 @@ import json
 import warnings
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from safetensors.numpy import load_file, save_file
 from sdjax.loading import CheckpointMismatchError, count_params
 from sdjax.models import unet as unet_lib
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+
+from pipeline_fixtures import quick_compiles
 
 CONFIGS = Path(unet_lib.__file__).parent.parent / "model_configs"
 TOL = 1e-4
@@ -73,14 +74,7 @@ def _randomize(model, seed):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    # XLA's optimisation passes take most of the compile time of these small graphs and change nothing that the
-    # tolerance could see; restored for the rest of the session
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+_quick_compiles = pytest.fixture(scope="module", autouse=True)(quick_compiles)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ sampler noise that sdjax draws.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from sdjax import samplers  # noqa: E402
 from sdjax import upscale as up  # noqa: E402
 from sdjax.bulk import SAMPLE_NAME  # noqa: E402
 
-from pipeline_fixtures import TOKENIZER_DIR, run_on_devices, smooth_image  # noqa: E402
+from pipeline_fixtures import TOKENIZER_DIR, patch_noise, quick_compiles, run_on_devices, smooth_image  # noqa: E402
 
 h, w = 16, 24  # low-res size (non-square); output 64x96
 STEPS = 4
@@ -82,16 +81,7 @@ def build_upscaler(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    # XLA's optimisation passes take most of the compile time of these small programs and change nothing that the
-    # tolerances could see; restored for the rest of the session
-    import jax
-
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+_quick_compiles = pytest.fixture(scope="module", autouse=True)(quick_compiles)
 
 
 @pytest.fixture(scope="module")
@@ -121,27 +111,6 @@ LOW = [_pil(smooth_image(h, w, 0)), _pil(smooth_image(h, w, 3))]
 def diffusers_scheduler(name, folder):
     config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
-
-
-class NoiseQueue:
-    """Replaces diffusers' randn_tensor: returns the queued arrays (NHWC numpy -> NCHW torch) in order."""
-
-    def __init__(self, arrays):
-        self.arrays = list(arrays)
-
-    def __call__(self, shape, generator=None, device=None, dtype=None, layout=None):
-        assert self.arrays, f"diffusers asked for more noise than expected (shape {tuple(shape)})"
-        t = torch.from_numpy(np.ascontiguousarray(self.arrays.pop(0).transpose(0, 3, 1, 2)))
-        assert tuple(t.shape) == tuple(shape), (tuple(t.shape), tuple(shape))
-        return t.to(dtype or torch.float32)
-
-
-def patch_noise(monkeypatch, arrays):
-    queue = NoiseQueue(arrays)
-    for name, module in list(sys.modules.items()):
-        if name.startswith("diffusers") and hasattr(module, "randn_tensor"):
-            monkeypatch.setattr(module, "randn_tensor", queue, raising=False)
-    return queue
 
 
 def step_noises(n, seed=0):

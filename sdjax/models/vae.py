@@ -7,6 +7,7 @@ by `config.scaling_factor` after encoding and divides before decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -291,9 +292,16 @@ def _tiled(fn, x, tile_in, stride_in, blend_out, keep_out):
     return jnp.concatenate(out_rows, axis=1)
 
 
-# One compiled program per tile shape, reused across calls (a tile's decoder run is the memory peak).
-_encode_moments = nnx.jit(lambda vae, x: vae._moments(x))
-_decode_latents = nnx.jit(lambda vae, z: vae._decode(z))
+# One compiled program per tile shape, reused across calls (a tile's decoder run is the memory peak). jax.jit over
+# the split state, not nnx.jit: nnx.jit walks the module graph on every call (0.19 s of CPU per tile for SD's VAE).
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_moments(graphdef, state, x):
+    return nnx.merge(graphdef, state)._moments(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_latents(graphdef, state, z):
+    return nnx.merge(graphdef, state)._decode(z)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +397,8 @@ class AutoencoderKL(PretrainedModel, nnx.Module):
         self._check(x, self.config.in_channels, "tiled_encode")
         sample, latent = self._tile_sizes(tile_size, overlap)
         blend = int(latent * overlap)
-        moments = _tiled(lambda t: _encode_moments(self, t), x, sample, int(sample * (1 - overlap)),
+        graphdef, state = nnx.split(self)
+        moments = _tiled(lambda t: _encode_moments(graphdef, state, t), x, sample, int(sample * (1 - overlap)),
                          blend, latent - blend)
         return EncoderOutput(DiagonalGaussian.from_moments(moments))
 
@@ -399,5 +408,6 @@ class AutoencoderKL(PretrainedModel, nnx.Module):
         self._check(z, self.config.latent_channels, "tiled_decode")
         sample, latent = self._tile_sizes(tile_size, overlap)
         blend = int(sample * overlap)
-        return _tiled(lambda t: _decode_latents(self, t), z, latent, int(latent * (1 - overlap)),
+        graphdef, state = nnx.split(self)
+        return _tiled(lambda t: _decode_latents(graphdef, state, t), z, latent, int(latent * (1 - overlap)),
                       blend, sample - blend)

@@ -1,0 +1,62 @@
+"""The CPU fast paths of the shared layers (small convolutions as one matmul, the upsampler convolved at the input
+size, chunked attention) against PyTorch, at sizes where each path is taken."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from sdjax.models import layers
+
+TOL = 1e-5
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _nhwc(t):
+    return np.asarray(t.detach().numpy()).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only():
+    if jax.default_backend() != "cpu":
+        pytest.skip("these paths are taken on CPU only")
+
+
+@pytest.mark.parametrize("h, w, stride, pad", [
+    (8, 8, 1, (1, 1)), (5, 7, 1, (1, 1)), (8, 8, 2, (1, 1)), (9, 9, 2, (0, 1)),
+])
+def test_small_conv_is_one_matmul_and_matches_torch(h, w, stride, pad):
+    x, k, b = _rand(2, h, w, 24), _rand(3, 3, 24, 16, seed=1, scale=0.2), _rand(16, seed=2)
+    y = layers._conv(jnp.asarray(x), jnp.asarray(k), (stride, stride), (pad, pad), dimension_numbers=layers._NHWC)
+    assert y.shape[1] * y.shape[2] <= layers.SMALL_CONV_PIXELS  # the matmul path
+    xt = torch.nn.functional.pad(torch.from_numpy(x.transpose(0, 3, 1, 2)), (pad[0], pad[1], pad[0], pad[1]))
+    ref = torch.nn.functional.conv2d(xt, torch.from_numpy(k.transpose(3, 2, 0, 1)), stride=stride)
+    np.testing.assert_allclose(np.asarray(y) + b, _nhwc(ref) + b, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("h, w", [(16, 16), (17, 19)])
+def test_upsampler_at_input_size_matches_torch(h, w):
+    assert h * w >= layers.SUBPIXEL_MIN_PIXELS  # the four-phase path
+    up = layers.Upsample2D(24, 16, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    up.conv.bias[...] = jnp.asarray(_rand(16, seed=3))
+    x = _rand(2, h, w, 24)
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), scale_factor=2.0, mode="nearest"),
+        torch.from_numpy(np.array(up.conv.kernel[...]).transpose(3, 2, 0, 1)),
+        torch.from_numpy(np.array(up.conv.bias[...])), padding=1)
+    np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), _nhwc(ref), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("b, heads, lq, lk", [(1, 2, 1024, 1024), (2, 8, 1000, 77)])
+def test_chunked_attention_matches_torch(b, heads, lq, lk):
+    d = 16
+    assert layers._cpu_query_chunk(b * heads, lk) < lq  # chunked (and padded when 1000)
+    q, k, v = _rand(b, lq, heads * d), _rand(b, lk, heads * d, seed=1), _rand(b, lk, heads * d, seed=2)
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), heads)
+    th = [torch.from_numpy(a).reshape(b, -1, heads, d).transpose(1, 2) for a in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*th).transpose(1, 2).reshape(b, lq, heads * d)
+    np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=TOL, rtol=0)
