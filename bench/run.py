@@ -380,9 +380,11 @@ def render(results: dict) -> str:
                   f"jax {m['jax_gflops']:.0f} GFLOP/s.", ""]
     lines += [
         "| measurement | sdjax s | PyTorch s | ratio | sdjax CPU s | PyTorch CPU s | sdjax first s | "
-        "PyTorch first s | sdjax peak RSS MB | PyTorch peak RSS MB | GFLOP | measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "PyTorch first s | sdjax peak RSS MB | PyTorch peak RSS MB | GFLOP | sdjax GFLOP/s (% of jax matmul peak) | "
+        "PyTorch GFLOP/s | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peak = results.get("matmul", {}).get("jax_gflops")
     for row in ROWS:
         if row not in results or row == "compile":
             continue
@@ -390,7 +392,7 @@ def render(results: dict) -> str:
         a, b = r.get("sdjax", {}), r.get("torch", {})
         if "error" in a or "error" in b:
             lines.append(f"| {r['description']} | error: {a.get('error', '')} | {b.get('error', '')} |"
-                         + " |" * 9)
+                         + " |" * 11)
             continue
         ratio = a["seconds"] / b["seconds"] if a.get("seconds") and b.get("seconds") else None
         resident = r.get("resident")
@@ -401,7 +403,8 @@ def render(results: dict) -> str:
             f"| {r['description']} | {_f(a.get('seconds'))} | {_f(b.get('seconds'))} | {_f(ratio)} | "
             f"{_f(a.get('cpu_seconds'))} | {_f(b.get('cpu_seconds'))} | {_f(a.get('first_seconds'))} | "
             f"{_f(b.get('first_seconds'))} | {a.get('peak_rss_mb', '')} | {b.get('peak_rss_mb', '')} | "
-            f"{_f(a.get('gflop'), '{:.0f}')} | {where} |"
+            f"{_f(a.get('gflop'), '{:.0f}')} | {_rate(a.get('gflop'), a.get('seconds'), peak)} | "
+            f"{_rate(a.get('gflop'), b.get('seconds'))} | {where} |"
         )
     if "compile" in results:
         c = results["compile"]
@@ -412,8 +415,18 @@ def render(results: dict) -> str:
             cold, cached = a["cold_compile_seconds"], a["cached_compile_seconds"]
             lines += ["", f"Compile ({c['description']}; {c['date']}; {c['machine']}): XLA compile cold {cold:.2f} s, "
                           f"second process {cached:.2f} s ({cached / cold * 100:.0f}% of cold); tracing and lowering "
-                          f"(Python, not cached) {a['cold_lower_seconds']:.2f} s and {a['cached_lower_seconds']:.2f} s."]
+                          f"(Python, not cached) {a['cold_lower_seconds']:.2f} s and "
+                          f"{a['cached_lower_seconds']:.2f} s."]
     return "\n".join(lines)
+
+
+def _rate(gflop: float | None, seconds: float | None, peak: float | None = None) -> str:
+    """GFLOP/s of a median call: the network's FLOPs as XLA counts them for sdjax's program (PyTorch computes the same
+    network), with the share of the jax matmul peak when `peak` is given."""
+    if not gflop or not seconds:
+        return ""
+    rate = gflop / seconds
+    return f"{rate:.0f} ({rate / peak * 100:.0f}%)" if peak else f"{rate:.0f}"
 
 
 def write_doc(results: dict, doc: Path) -> None:

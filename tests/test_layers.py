@@ -51,12 +51,17 @@ def test_upsampler_at_input_size_matches_torch(h, w):
     np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), _nhwc(ref), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("b, heads, lq, lk", [(1, 2, 1024, 1024), (2, 8, 1000, 77)])
-def test_chunked_attention_matches_torch(b, heads, lq, lk):
+@pytest.mark.parametrize("b, heads, lq, lk, query_chunk, cpu_chunk", [
+    (1, 2, 3000, 2048, None, 1024),  # per (batch, head), 1024 queries at a time, the last chunk padded
+    (2, 8, 1000, 300, None, 1000),  # per (batch, head), all 1000 queries at once
+    (2, 8, 1000, 77, 384, None),  # the pipeline's chunking: all heads, 384 queries at a time
+    (2, 2, 64, 77, None, None),  # small: whole
+])
+def test_chunked_attention_matches_torch(b, heads, lq, lk, query_chunk, cpu_chunk):
     d = 16
-    assert layers._cpu_query_chunk(b * heads, lk) < lq  # chunked (and padded when 1000)
+    assert layers._cpu_query_chunk(b * heads, lq, lk) == cpu_chunk
     q, k, v = _rand(b, lq, heads * d), _rand(b, lk, heads * d, seed=1), _rand(b, lk, heads * d, seed=2)
-    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), heads)
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), heads, query_chunk=query_chunk)
     th = [torch.from_numpy(a).reshape(b, -1, heads, d).transpose(1, 2) for a in (q, k, v)]
     ref = torch.nn.functional.scaled_dot_product_attention(*th).transpose(1, 2).reshape(b, lq, heads * d)
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=TOL, rtol=0)
