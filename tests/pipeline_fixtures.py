@@ -1,6 +1,7 @@
 """Tiny random diffusers pipelines, built with diffusers/transformers (PyTorch) and saved in the diffusers layout."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -213,3 +214,38 @@ def quick_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+def diffusers_scheduler(name: str, pipe):
+    """diffusers' scheduler for sdjax sampler `name`, made from the diffusers pipeline's folder's own scheduler
+    config (never from a scheduler an earlier test swapped in)."""
+    import diffusers
+
+    from sdjax import samplers
+
+    config = json.loads((Path(pipe.name_or_path) / "scheduler" / "scheduler_config.json").read_text())
+    return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
+
+
+def sdjax_noise(n_prompts: int, latent_shape, stream=None, seed: int = 0) -> np.ndarray:
+    """The noise sdjax draws for images 0..n_prompts-1 (one image per prompt) in `stream`."""
+    import jax.numpy as jnp
+
+    from sdjax import pipeline as pl
+
+    keys = pl.image_keys(seed, np.arange(n_prompts), np.zeros(n_prompts, int))
+    return np.asarray(pl.image_noise(jnp.asarray(keys), latent_shape, stream))
+
+
+def pil_image(a: np.ndarray):
+    """(H, W, 3) float in [0, 1] -> PIL image, rounded as sdjax and diffusers round."""
+    from PIL import Image
+
+    return Image.fromarray((a * 255).round().astype(np.uint8))
+
+
+def nchw(a):
+    """NHWC array -> NCHW torch tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))

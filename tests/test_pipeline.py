@@ -5,9 +5,7 @@ call order, the noise sdjax draws for each image (initial noise, VAE posterior s
 """
 from __future__ import annotations
 
-import json
 import textwrap
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,8 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import box_mask, build_pipeline, patch_noise, run_on_devices, smooth_image  # noqa: E402
+from pipeline_fixtures import (box_mask, build_pipeline, diffusers_scheduler, patch_noise, pil_image,  # noqa: E402
+                               run_on_devices, sdjax_noise, smooth_image)
 
 H, W = 32, 48  # non-square; the tiny VAE has factor 2, so latents are 16x24
 PROMPTS = ["a red circle on a blue background", "a green square"]
@@ -30,12 +29,6 @@ NEGATIVES = ["blurry", "a yellow triangle"]
 STEPS = 4
 TOL = 5e-4
 
-
-def diffusers_scheduler(name, pipe):
-    """diffusers' scheduler for sampler `name`, made from the pipeline folder's own scheduler config (never from
-    a scheduler an earlier test swapped in)."""
-    config = json.loads((Path(pipe.name_or_path) / "scheduler" / "scheduler_config.json").read_text())
-    return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +56,6 @@ def refs(folders):
     return out
 
 
-def sdjax_noise(n_prompts, latent_shape, stream=None, seed=0):
-    keys = pl.image_keys(seed, np.arange(n_prompts), np.zeros(n_prompts, int))
-    return np.asarray(pl.image_noise(jnp.asarray(keys), latent_shape, stream))
-
-
 def step_noises(sampler, start, n_prompts, latent_shape, seed=0):
     """The sampler noise sdjax draws at each call index (diffusers asks for it once per step)."""
     return [sdjax_noise(n_prompts, latent_shape, pl._STREAM_STEP + i, seed) for i in range(start, 4 * STEPS + 2)]
@@ -92,15 +80,14 @@ def test_txt2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
     assert np.abs(ours - theirs).max() <= TOL
 
 
-def _pil(a):
-    return Image.fromarray((a * 255).round().astype(np.uint8))
+
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_img2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
     pipe, ref = pipes[kind], refs[kind]
-    images = [_pil(smooth_image(H, W, 0)), _pil(smooth_image(H, W, 1))]
+    images = [pil_image(smooth_image(H, W, 0)), pil_image(smooth_image(H, W, 1))]
     strength = 0.6
     ours = pipe(PROMPTS, NEGATIVES, num_inference_steps=STEPS, guidance_scale=6.0, sampler=sampler,
                 image=images, strength=strength, output_type="np").images
@@ -120,8 +107,8 @@ def test_img2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
 def test_inpaint_matches_diffusers(kind, strength, sampler, pipes, refs, monkeypatch):
     """9-channel inpainting UNet, and an ordinary UNet with mask blending."""
     pipe, ref = pipes[kind], refs[kind]
-    images = [_pil(smooth_image(H, W, 0)), _pil(smooth_image(H, W, 2))]
-    masks = [_pil(box_mask(H, W)).convert("L")] * 2
+    images = [pil_image(smooth_image(H, W, 0)), pil_image(smooth_image(H, W, 2))]
+    masks = [pil_image(box_mask(H, W)).convert("L")] * 2
     ours = pipe(PROMPTS, NEGATIVES, num_inference_steps=STEPS, guidance_scale=5.0, sampler=sampler,
                 image=images, mask_image=masks, strength=strength, output_type="np").images
     dp = diffusers.StableDiffusionInpaintPipeline(**ref.components)
@@ -187,7 +174,7 @@ def test_seed_per_prompt_reproduces_alone(pipes):
 )
 def test_bad_input_raises_one_line_value_error(pipes, kwargs, words):
     if kwargs.get("image") == "img":
-        kwargs = dict(kwargs, image=_pil(smooth_image(H, W)))
+        kwargs = dict(kwargs, image=pil_image(smooth_image(H, W)))
     call = dict(prompt=PROMPTS, height=H, width=W, num_inference_steps=2)
     call.update(kwargs)
     with pytest.raises(ValueError) as e:

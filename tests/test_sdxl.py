@@ -19,8 +19,8 @@ import sdjax  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import build_sdxl, patch_noise, run_on_devices, smooth_image  # noqa: E402
-from test_pipeline import _pil, diffusers_scheduler, sdjax_noise  # noqa: E402
+from pipeline_fixtures import (build_sdxl, diffusers_scheduler, nchw, patch_noise, pil_image,  # noqa: E402
+                               run_on_devices, sdjax_noise, smooth_image)
 
 H, W = 32, 48  # non-square; latents 16x24
 LATENT = (H // 2, W // 2, 4)
@@ -52,10 +52,6 @@ def refs(folders):
 
 def step_noises(calls, n_prompts=2, seed=0):
     return [sdjax_noise(n_prompts, LATENT, pl._STREAM_STEP + i, seed) for i in calls]
-
-
-def nchw(a):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
 
 def report(name, ours, theirs):
@@ -131,7 +127,7 @@ def test_every_conditioning_input_moves_the_image(pipes):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
 def test_refiner_img2img_matches_diffusers(sampler, pipes, refs, monkeypatch):
     pipe, ref = pipes["refiner"], refs["refiner"]
-    images = [_pil(smooth_image(H, W, 0)), _pil(smooth_image(H, W, 1))]
+    images = [pil_image(smooth_image(H, W, 0)), pil_image(smooth_image(H, W, 1))]
     strength = 0.6
     negative = dict(negative_prompt=NEGATIVES) if sampler != "ddim" else {}  # ddim: "" (no zeroing on a refiner)
     kw = dict(image=images, strength=strength, num_inference_steps=STEPS, guidance_scale=6.0, output_type="np",
@@ -160,16 +156,22 @@ def test_base_to_refiner_handoff_matches_diffusers(sampler, pipes, refs, monkeyp
     assert 0 < end < made.num_calls and 0 < start < made.num_calls
     needs = made.needs_noise
     patch_noise(monkeypatch, (step_noises(range(end)) + step_noises(range(start, made.num_calls))) if needs else [])
+    theirs = _diffusers_handoff(refs, sampler, latents, frac, STEPS)
+    assert ours.shape == theirs.shape == (2, H, W, 3)
+    assert report(f"hand-off {sampler} (base calls [0, {end}), refiner [{start}, {made.num_calls}))",
+                  ours, theirs) <= TOL
+
+
+def _diffusers_handoff(refs, sampler, latents, frac, refiner_steps):
+    """diffusers' ensemble of experts: the base to `frac` (latent output), then the refiner from `frac` with its own
+    `refiner_steps` schedule; both with `sampler`'s scheduler."""
     rb, rr = refs["base"], refs["refiner"]
     rb.scheduler = diffusers_scheduler(sampler, rb)
     rr.scheduler = diffusers_scheduler(sampler, rr)
     handed = rb(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0,
                 latents=nchw(latents), denoising_end=frac, output_type="latent").images
-    theirs = rr(PROMPTS, negative_prompt=NEGATIVES, image=handed, num_inference_steps=STEPS, guidance_scale=5.0,
-                denoising_start=frac, output_type="np").images
-    assert ours.shape == theirs.shape == (2, H, W, 3)
-    assert report(f"hand-off {sampler} (base calls [0, {end}), refiner [{start}, {made.num_calls}))",
-                  ours, theirs) <= TOL
+    return rr(PROMPTS, negative_prompt=NEGATIVES, image=handed, num_inference_steps=refiner_steps, guidance_scale=5.0,
+              denoising_start=frac, output_type="np").images
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_a"])
@@ -188,13 +190,7 @@ def test_refiner_with_its_own_step_count_matches_diffusers(sampler, pipes, refs,
     assert len(refiner_calls) != len(same_steps)  # the refiner really runs a different number of steps
     made = samplers.make_sampler(sampler, base.scheduler_config, STEPS)
     patch_noise(monkeypatch, (step_noises(base_calls) + step_noises(refiner_calls)) if made.needs_noise else [])
-    rb, rr = refs["base"], refs["refiner"]
-    rb.scheduler = diffusers_scheduler(sampler, rb)
-    rr.scheduler = diffusers_scheduler(sampler, rr)
-    handed = rb(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0,
-                latents=nchw(latents), denoising_end=frac, output_type="latent").images
-    theirs = rr(PROMPTS, negative_prompt=NEGATIVES, image=handed, num_inference_steps=ref_steps, guidance_scale=5.0,
-                denoising_start=frac, output_type="np").images
+    theirs = _diffusers_handoff(refs, sampler, latents, frac, ref_steps)
     assert report(f"hand-off {sampler}, refiner {ref_steps} steps (calls {refiner_calls})", ours, theirs) <= TOL
 
 

@@ -21,11 +21,11 @@ from PIL import Image  # noqa: E402
 import sdjax  # noqa: E402
 from sdjax import cli  # noqa: E402
 from sdjax import pipeline as pl  # noqa: E402
-from sdjax import samplers  # noqa: E402
 from sdjax import upscale as up  # noqa: E402
 from sdjax.bulk import SAMPLE_NAME  # noqa: E402
 
-from pipeline_fixtures import TOKENIZER_DIR, patch_noise, quick_compiles, run_on_devices, smooth_image  # noqa: E402
+from pipeline_fixtures import (TOKENIZER_DIR, diffusers_scheduler, nchw, patch_noise, pil_image,  # noqa: E402
+                               quick_compiles, run_on_devices, sdjax_noise, smooth_image)
 
 h, w = 16, 24  # low-res size (non-square); output 64x96
 STEPS = 4
@@ -101,29 +101,15 @@ def ref(folder):
     return p
 
 
-def _pil(a):
-    return Image.fromarray((a * 255).round().astype(np.uint8))
-
-
-LOW = [_pil(smooth_image(h, w, 0)), _pil(smooth_image(h, w, 3))]
-
-
-def diffusers_scheduler(name, folder):
-    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-    return getattr(diffusers, samplers.DIFFUSERS_CLASS[name]).from_config(samplers.diffusers_config(name, config))
+LOW = [pil_image(smooth_image(h, w, 0)), pil_image(smooth_image(h, w, 3))]
 
 
 def step_noises(n, seed=0):
     """The sampler noise sdjax draws at each call index (stochastic samplers; diffusers asks once per step)."""
-    keys = pl.image_keys(seed, np.arange(n), np.zeros(n, int))
-    return [np.asarray(pl.image_noise(keys, (h, w, 4), pl._STREAM_STEP + i)) for i in range(4 * STEPS + 2)]
+    return [sdjax_noise(n, (h, w, 4), pl._STREAM_STEP + i, seed) for i in range(4 * STEPS + 2)]
 
 
-def nchw(a):
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-
-
-def run_both(pipe, ref, folder, monkeypatch, *, sampler, prompts, negatives=None, scale=7.5, noise_level=20,
+def run_both(pipe, ref, monkeypatch, *, sampler, prompts, negatives=None, scale=7.5, noise_level=20,
              seed=0):
     """(sdjax images, diffusers images) of one call: diffusers gets the noise sdjax draws for the seed (initial
     latents, low-res noise, sampler noise), and must ask for exactly the low-res and sampler noise."""
@@ -131,7 +117,7 @@ def run_both(pipe, ref, folder, monkeypatch, *, sampler, prompts, negatives=None
     latents, low_res_noise = pipe.default_noise(h, w, seed=seed, num_prompts=n)
     ours = pipe(prompts, LOW[:n], negatives, num_inference_steps=STEPS, guidance_scale=scale,
                 noise_level=noise_level, sampler=sampler, seed=seed, output_type="np").images
-    ref.scheduler = diffusers_scheduler(sampler, folder)
+    ref.scheduler = diffusers_scheduler(sampler, ref)
     queue = patch_noise(monkeypatch, [low_res_noise] + step_noises(n, seed))
     theirs = ref(prompts, LOW[:n], num_inference_steps=STEPS, guidance_scale=scale, noise_level=noise_level,
                  negative_prompt=negatives, latents=nchw(latents), output_type="np").images
@@ -140,19 +126,19 @@ def run_both(pipe, ref, folder, monkeypatch, *, sampler, prompts, negatives=None
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "euler_a"])
-def test_matches_diffusers(sampler, pipe, ref, folder, monkeypatch):
-    ours, theirs = run_both(pipe, ref, folder, monkeypatch, sampler=sampler, prompts=PROMPTS[:1])
+def test_matches_diffusers(sampler, pipe, ref, monkeypatch):
+    ours, theirs = run_both(pipe, ref, monkeypatch, sampler=sampler, prompts=PROMPTS[:1])
     assert ours.shape == theirs.shape == (1, 4 * h, 4 * w, 3)
     diff = np.abs(ours - theirs).max()
     print(f"{sampler}: max abs diff {diff:.2e}")
     assert diff <= TOL
 
 
-def test_guidance_negative_prompts_and_noise_level(pipe, ref, folder, monkeypatch):
+def test_guidance_negative_prompts_and_noise_level(pipe, ref, monkeypatch):
     """Two prompts with their own images and negative prompts, a high noise level; and the inputs matter: another
     low-res noise, noise level or no negative prompts move the images far beyond the tolerance (measured: max
     0.51, 0.35, 0.042)."""
-    ours, theirs = run_both(pipe, ref, folder, monkeypatch, sampler="dpmpp_2m", prompts=PROMPTS,
+    ours, theirs = run_both(pipe, ref, monkeypatch, sampler="dpmpp_2m", prompts=PROMPTS,
                             negatives=NEGATIVES, scale=6.0, noise_level=150)
     assert ours.shape == (2, 4 * h, 4 * w, 3)
     diff = np.abs(ours - theirs).max()
@@ -167,11 +153,11 @@ def test_guidance_negative_prompts_and_noise_level(pipe, ref, folder, monkeypatc
         assert np.abs(other - ours).max() > 20 * TOL
 
 
-def test_without_guidance_and_latent_output(pipe, ref, folder, monkeypatch):
+def test_without_guidance_and_latent_output(pipe, ref, monkeypatch):
     latents, noise = pipe.default_noise(h, w, seed=3)
     ours = pipe(PROMPTS[0], LOW[0], num_inference_steps=STEPS, guidance_scale=1.0, seed=3,
                 output_type="latent").images
-    ref.scheduler = diffusers_scheduler("ddim", folder)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
     patch_noise(monkeypatch, [noise])
     theirs = ref(PROMPTS[0], LOW[0], num_inference_steps=STEPS, guidance_scale=1.0, latents=nchw(latents),
                  output_type="latent").images
@@ -179,15 +165,15 @@ def test_without_guidance_and_latent_output(pipe, ref, folder, monkeypatch):
     assert np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max() <= 1e-4
 
 
-def test_images_per_prompt_share_injected_noise_as_diffusers(pipe, ref, folder, monkeypatch):
+def test_images_per_prompt_share_injected_noise_as_diffusers(pipe, ref, monkeypatch):
     """diffusers draws the low-res noise once per prompt; given one (1, h, w, 3) array, sdjax uses it for every
     image too. PIL input whose size is not a multiple of 4 is resized (bicubic) as diffusers does."""
-    odd = _pil(smooth_image(h + 3, w + 2, 5))
+    odd = pil_image(smooth_image(h + 3, w + 2, 5))
     noise = np.random.default_rng(7).standard_normal((1, h, w, 3)).astype(np.float32)
     latents = np.random.default_rng(8).standard_normal((2, h, w, 4)).astype(np.float32)
     ours = pipe(PROMPTS[1], odd, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
                 sampler="euler", latents=latents, low_res_noise=noise, output_type="np").images
-    ref.scheduler = diffusers_scheduler("euler", folder)
+    ref.scheduler = diffusers_scheduler("euler", ref)
     patch_noise(monkeypatch, [noise])
     theirs = ref(PROMPTS[1], odd, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
                  latents=nchw(latents), output_type="np").images
