@@ -202,7 +202,8 @@ def load_pipeline(s: dict):
     import jax
     import jax.numpy as jnp
 
-    from sdjax.pipeline import StableDiffusionPipeline, data_mesh
+    from sdjax.distributed import data_mesh
+    from sdjax.pipeline import StableDiffusionPipeline
 
     ckpt = s.get("ckpt") or default_model()
     if not ckpt:
@@ -304,7 +305,7 @@ def cmd_generate(args, mode: str) -> int:
     if s.get("n_candidates"):
         import jax
 
-        from sdjax.pipeline import data_mesh
+        from sdjax.distributed import data_mesh
         from sdjax.rerank import CLIPReranker
 
         try:

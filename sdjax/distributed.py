@@ -200,3 +200,12 @@ def from_process_0(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
+
+
+def data_mesh(devices=None):
+    """A 1-D `jax.sharding.Mesh` over all devices (of every process), axis name `data`."""
+    import jax
+    from jax.sharding import Mesh
+
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax import distributed, samplers as samplers_lib
+from sdjax.distributed import data_mesh
 from sdjax.loading import resolve_path
 from sdjax.models.layers import Attention, nearest_resize
 
@@ -51,12 +52,6 @@ def enable_compilation_cache(path: str | os.PathLike) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all devices (of every process), axis name `data`."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), ("data",))
 
 
 def image_keys(seed, prompt_index: np.ndarray, index_in_prompt: np.ndarray) -> jax.Array:

@@ -232,7 +232,7 @@ class CLIPReranker:
     """
 
     def __init__(self, *, model, tokenizer, image_processing: CLIPImageProcessorConfig, mesh: Mesh | None = None):
-        from sdjax.pipeline import data_mesh
+        from sdjax.distributed import data_mesh
 
         self.model = model
         self.tokenizer = tokenizer
@@ -258,7 +258,7 @@ class CLIPReranker:
         packaged CLIP tokenizer) and preprocessor_config.json (else resize and crop to the vision input size)."""
         from sdjax.loading import resolve_path
         from sdjax.models.clip import CLIPModel
-        from sdjax.pipeline import data_mesh
+        from sdjax.distributed import data_mesh
         from sdjax.tokenizer import Tokenizer
 
         folder = resolve_path(path)

@@ -235,7 +235,7 @@ def _betas(c: SchedulerConfig) -> np.ndarray:
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], _F32)
 
 
-def _alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
+def alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
     alphas = _F32(1.0) - _betas(c)
     # torch.cumprod on CPU accumulates float32 in double.
     return np.cumprod(alphas.astype(np.float64)).astype(_F32)
@@ -684,7 +684,7 @@ def make_sampler(name: str, config: SchedulerConfig | Mapping[str, Any], num_inf
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= c.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be an integer in [1, {c.num_train_timesteps}], got {n!r}")
     n = int(n)
-    ac = _alphas_cumprod(c)
+    ac = alphas_cumprod(c)
     build = {
         "ddim": _build_ddim, "pndm": _build_pndm, "ddpm": _build_ddpm, "euler": _build_sigma, "euler_a": _build_sigma,
         "lms": _build_sigma, "heun": _build_sigma, "dpmpp_2m": _build_dpm, "dpmpp_2m_karras": _build_dpm,

@@ -124,7 +124,7 @@ def fit(model: nnx.Module, loss_fn: Callable, batches: Callable[[int], dict], cf
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
-    from sdjax.pipeline import data_mesh
+    from sdjax.distributed import data_mesh
 
     mesh = mesh or data_mesh()
     n_dev = mesh.devices.size

@@ -62,7 +62,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                          scheduler_config=scheduler_config, name=name, mesh=mesh)
         self.low_res_scheduler_config = dict(low_res_scheduler_config)
         config = samplers_lib.SchedulerConfig.from_dict(self.low_res_scheduler_config).for_class("DDPMScheduler")
-        self._low_res_alphas_cumprod = samplers_lib._alphas_cumprod(config)
+        self._low_res_alphas_cumprod = samplers_lib.alphas_cumprod(config)
         self.max_noise_level = int(max_noise_level)
 
     @classmethod

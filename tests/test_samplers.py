@@ -250,7 +250,7 @@ def test_beta_schedule_parity(name, schedule, noise_feed):
 def test_alphas_cumprod_tables():
     for schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"):
         d = {**SD1_FILE, "beta_schedule": schedule}
-        ours = samplers._alphas_cumprod(SchedulerConfig.from_dict(d).for_class("DDIMScheduler"))
+        ours = samplers.alphas_cumprod(SchedulerConfig.from_dict(d).for_class("DDIMScheduler"))
         theirs = diffusers.DDIMScheduler.from_config(d).alphas_cumprod.numpy()
         # torch's SIMD linspace moves a few betas by an ulp
         np.testing.assert_allclose(ours, theirs, rtol=5e-7, err_msg=schedule)

@@ -64,7 +64,7 @@ def device_run():
 
     from sdjax import train
     from sdjax.models import AutoencoderKL, CLIPModel, UNet2DConditionModel
-    from sdjax.pipeline import data_mesh
+    from sdjax.distributed import data_mesh
     from sdjax.tokenizer import Tokenizer
 
     assert len(jax.devices()) == 8, jax.devices()
