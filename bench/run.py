@@ -177,7 +177,7 @@ def _measure_sdjax(row, kw, folder, repeats):
             nnx.state(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))))
     if row == "txt2img":
         if kw.get("compilation_cache"):
-            from sdjax.pipeline import enable_compilation_cache
+            from sdjax.pipelines.program import enable_compilation_cache
 
             enable_compilation_cache(kw["compilation_cache"])
         pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
@@ -209,7 +209,7 @@ def _measure_sdjax(row, kw, folder, repeats):
 
     f = program()
     if row == "compile":
-        from sdjax.pipeline import enable_compilation_cache
+        from sdjax.pipelines.program import enable_compilation_cache
 
         enable_compilation_cache(kw["compilation_cache"])
         t0 = time.perf_counter()

@@ -64,7 +64,7 @@ def abstract_pipeline(model: str, dtype):
     """The real SDXL base or refiner as a `StableDiffusionXLPipeline` of shape-only networks (no weights)."""
     from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from sdjax.models.clip import CLIPTextModelWithProjection
-    from sdjax.pipeline import StableDiffusionXLPipeline
+    from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
     from sdjax.tokenizer import Tokenizer
 
     kw = dict(dtype=dtype, param_dtype=dtype)

@@ -40,7 +40,7 @@ VARIANTS = {  # name: (low-res side, dtype, attention query chunk, VAE tile side
 def abstract_pipeline(dtype):
     from sdjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from sdjax.tokenizer import Tokenizer
-    from sdjax.upscale import StableDiffusionUpscalePipeline
+    from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     def config(name):
         return json.loads((CONFIGS / name).read_text())

@@ -4,9 +4,11 @@ import importlib
 __version__ = "0.1.0"
 
 _WHERE = {
-    "StableDiffusionPipeline": "sdjax.pipeline",
-    "StableDiffusionXLPipeline": "sdjax.pipeline",
-    "StableDiffusionUpscalePipeline": "sdjax.upscale",
+    # the pipelines come from sdjax.pipelines.auto, which loads every family: StableDiffusionPipeline.from_pretrained
+    # then finds the SDXL and upscaler classes for their folders
+    "StableDiffusionPipeline": "sdjax.pipelines.auto",
+    "StableDiffusionXLPipeline": "sdjax.pipelines.auto",
+    "StableDiffusionUpscalePipeline": "sdjax.pipelines.auto",
     "CLIPReranker": "sdjax.rerank",
 }
 

@@ -29,6 +29,7 @@ import re
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 
 SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")
@@ -85,6 +86,37 @@ def a1111_parameters(prompt, negative, *, steps, sampler, scale, seed, width, he
     for k, v in (extra or {}).items():
         fields.append(f"{k}: {v}")
     return f"{prompt}\nNegative prompt: {negative}\n" + ", ".join(fields)
+
+
+# manifest record field -> AUTOMATIC1111's name for it in the `parameters` text (fields without one stay out of it)
+A1111_NAMES = {
+    "batch_position": "Batch pos", "refiner": "Refiner", "high_noise_frac": "Refiner switch at",
+    "refiner_steps": "Refiner steps", "refiner_mode": "Refiner mode", "refiner_strength": "Refiner strength",
+    "noise_level": "Noise level", "init_image": "Init image", "tile_size": "Tile size", "clip_score": "CLIP score",
+}
+
+
+def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int, scale: float, width: int,
+                   height: int, model: str, precision: str = "", **fields) -> tuple[str, dict]:
+    """(the A1111 `parameters` text, the manifest record) of one saved image: the one place both are made, for the
+    CLI's bulk runs, `sdjax upscale` and the demo. `fields` (in order) go into the record as they are and, where
+    A1111 has a name for them and they are not None, into the text (a CLIP score with 4 decimals, an init image by
+    its file name)."""
+    extra = {}
+    for key, value in fields.items():
+        if key in A1111_NAMES and value is not None:
+            if key == "clip_score":
+                value = f"{value:.4f}"
+            elif key == "init_image":
+                value = Path(value).name
+            extra[A1111_NAMES[key]] = value
+    text = a1111_parameters(prompt, negative, steps=steps, sampler=sampler, scale=scale, seed=seed, width=width,
+                            height=height, model=model, extra=extra)
+    record = dict(prompt=prompt, negative=negative, seed=seed, sampler=sampler, steps=steps, scale=scale,
+                  size=f"{width}x{height}", model=model, **fields)
+    if precision:
+        record["precision"] = precision
+    return text, record
 
 
 def save_png_exclusive(image, folder: Path, texts: dict[str, str], pattern=SAMPLE_NAME, width=5, prefix="") -> Path:
@@ -232,7 +264,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
     from tqdm import tqdm
 
     from sdjax import distributed
-    from sdjax.pipeline import numpy_to_pil
+    from sdjax.pipelines.images import numpy_to_pil
 
     outdir = Path(outdir)
     samples = outdir / "samples"
@@ -299,26 +331,14 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                 if job in done or j * spec.per_call + k not in mine:  # done, or another process saves it
                     continue
                 im = candidates[k]
-                record = dict(
-                    run_id=run_id, job=list(job), prompt=spec.prompts[p], negative=spec.negative_prompt,
-                    seed=seed, batch_position=k, sampler=spec.sampler, steps=spec.steps, scale=spec.scale,
-                    size=f"{im.width}x{im.height}", model=spec.model, mode=spec.mode,
-                    clip_score=scores[k], rank=rank if reranker is not None else None,
-                )
-                if precision:
-                    record["precision"] = precision
-                extra = {"Batch pos": k, **({"CLIP score": f"{scores[k]:.4f}"} if scores[k] is not None else {})}
-                if refiner is not None:
-                    record.update(refiner=spec.refiner, high_noise_frac=spec.high_noise_frac,
-                                  refiner_steps=spec.refiner_steps)
-                    extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.high_noise_frac,
-                                  "Refiner steps": spec.refiner_steps})  # A1111's names, plus the refiner's steps
-                if n_processes > 1:
-                    record["process"] = process
-                params = a1111_parameters(
-                    spec.prompts[p], spec.negative_prompt, steps=spec.steps, sampler=spec.sampler,
-                    scale=spec.scale, seed=seed, width=im.width, height=im.height, model=spec.model, extra=extra,
-                )
+                handoff_fields = {} if refiner is None else dict(
+                    refiner=spec.refiner, high_noise_frac=spec.high_noise_frac, refiner_steps=spec.refiner_steps)
+                params, record = image_metadata(
+                    prompt=spec.prompts[p], negative=spec.negative_prompt, seed=seed, sampler=spec.sampler,
+                    steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
+                    precision=precision, run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
+                    clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
+                    **({"process": process} if n_processes > 1 else {}))
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
                 record["file"] = str(path.relative_to(outdir))
                 append_manifest(outdir, record, manifest)
@@ -347,4 +367,45 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
     if grid_images and not skip_grid:
         grid = make_grid(grid_images, rows=None)
         save_png_exclusive(grid, outdir, {}, pattern=GRID_NAME, width=4, prefix="grid-")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `sdjax upscale`: upscale one image for each prompt into a folder, saved as the bulk runs save their images
+
+
+def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str],
+                      outdir: str | os.PathLike, *, negative_prompt: str = "", n_samples: int = 1, steps: int = 75,
+                      scale: float = 9.0, noise_level: int = 20, sampler: str = "ddim", seed: int = 42,
+                      tile_size: int | None = None, tile_overlap: int | None = None, model: str = "",
+                      precision: str = "") -> list[dict]:
+    """Upscale `init_image` once per prompt (n_samples images each, seed `seed`) into outdir/samples/NNNNN.png:
+    numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
+    a manifest.jsonl line per image, as `run_bulk`. `pipe`: a StableDiffusionUpscalePipeline. Returns the manifest
+    records written."""
+    from PIL import Image
+
+    outdir = Path(outdir)
+    samples = outdir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    low = Image.open(init_image).convert("RGB")
+    settings = dict(mode="upscale", prompts=list(prompts), negative=negative_prompt, n_samples=n_samples,
+                    steps=steps, scale=scale, noise_level=noise_level, sampler=sampler, seed=seed,
+                    tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image))
+    run_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    written = []
+    for p, prompt in enumerate(prompts):
+        out = pipe(prompt, low, negative_prompt, num_inference_steps=steps, guidance_scale=scale,
+                   noise_level=noise_level, sampler=sampler, seed=[seed], num_images_per_prompt=n_samples,
+                   tile_size=tile_size, tile_overlap=tile_overlap).images
+        for k, im in enumerate(out):
+            params, record = image_metadata(
+                prompt=prompt, negative=negative_prompt, seed=seed, sampler=sampler, steps=steps, scale=scale,
+                width=im.width, height=im.height, model=model, precision=precision, run_id=run_id, job=[p, 0, k],
+                batch_position=k, mode="upscale", noise_level=noise_level, init_image=str(init_image),
+                tile_size=tile_size, tile_overlap=tile_overlap)
+            path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
+            record["file"] = str(path.relative_to(outdir))
+            append_manifest(outdir, record)
+            written.append(record)
     return written

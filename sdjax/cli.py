@@ -7,31 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import re
 import sys
 from pathlib import Path
+
+from sdjax.app import HIGH_NOISE_FRAC, UsageError, default_model, load_pipeline, one_line
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
 SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line, exit code 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
-        raise UsageError(f"{message} (see sdjax {self.prog.split()[-1]} --help)")
-
-
-def default_model() -> str | None:
-    """The model used when --ckpt is not given: $SDJAX_MODEL, else the one shipped with sdjax, if any."""
-    env = os.environ.get("SDJAX_MODEL")
-    if env:
-        return env
-    shipped = Path(__file__).parent / "default_model" / "pipeline"
-    return str(shipped) if (shipped / "model_index.json").is_file() else None
+        raise UsageError(f"{message} (see {self.prog} --help)")  # prog: "sdjax" or "sdjax txt2img"
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
@@ -93,7 +82,6 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
 }
-HIGH_NOISE_FRAC = 0.8  # SDXL's suggested base/refiner split
 
 
 def load_config(path: str) -> dict:
@@ -128,6 +116,13 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
             s["sampler"] = name
     if s["sampler"] not in SAMPLERS:
         raise UsageError(f"unknown sampler {s['sampler']!r}; valid: {', '.join(SAMPLERS)}")
+    for key in ("scale", "strength", "high_noise_frac"):  # NaN would pass every range check below
+        value = s.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise UsageError(f"--{key.replace('_', '-')} must be a finite number, got {value!r}")
+    if not 0 <= int(s["seed"]) < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {s['seed']}")
     for key, flag in (("n_samples", "--n_samples"), ("n_iter", "--n_iter"), ("ddim_steps", "--ddim_steps")):
         if int(s[key]) < 1:
             raise UsageError(f"{flag} must be at least 1, got {s[key]}")
@@ -198,36 +193,11 @@ def _check_image(path: str, flag: str):
         raise UsageError(f"{flag} {path}: not an image PIL can read (PNG, JPEG, ...)") from None
 
 
-def load_pipeline(s: dict):
-    import jax
-    import jax.numpy as jnp
-
-    from sdjax.distributed import data_mesh
-    from sdjax.pipeline import StableDiffusionPipeline
-
-    ckpt = s.get("ckpt") or default_model()
-    if not ckpt:
-        raise UsageError("no --ckpt given and no default model is installed: pass a diffusers pipeline folder")
-    path = Path(ckpt).expanduser()
-    if path.is_file():
-        raise UsageError(f"--ckpt {ckpt}: single-file checkpoints are not supported yet; give a diffusers folder")
-    precision = s.get("precision") or ("full" if jax.default_backend() == "cpu" else "autocast")
-    dtype = jnp.float32 if precision == "full" else jnp.bfloat16
-    mesh = None
-    if s.get("mesh"):
-        mesh = data_mesh(mesh_devices(s["mesh"]))
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(ckpt, dtype=dtype, mesh=mesh)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"--ckpt {ckpt}: cannot load the model: {_one_line(e)}") from None
-    return pipe, precision, ckpt
-
-
 def load_refiner(s: dict, base, precision: str):
     """The SDXL refiner of `--refiner`, loaded like the base (same precision and devices); the base must be SDXL."""
     import jax.numpy as jnp
 
-    from sdjax.pipeline import StableDiffusionXLPipeline
+    from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
 
     if not isinstance(base, StableDiffusionXLPipeline):
         raise UsageError(f"--refiner needs an SDXL base model; --ckpt {s.get('ckpt') or default_model()} is not SDXL "
@@ -236,7 +206,7 @@ def load_refiner(s: dict, base, precision: str):
     try:
         refiner = StableDiffusionXLPipeline.from_pretrained(s["refiner"], dtype=dtype, mesh=base.mesh)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"--refiner {s['refiner']}: cannot load an SDXL pipeline: {_one_line(e)}") from None
+        raise UsageError(f"--refiner {s['refiner']}: cannot load an SDXL pipeline: {one_line(e)}") from None
     if (refiner.vae_scale_factor, refiner.latent_channels) != (base.vae_scale_factor, base.latent_channels):
         raise UsageError(f"--refiner {s['refiner']}: its VAE latents differ from the base's; they cannot be handed "
                          "over")
@@ -244,24 +214,8 @@ def load_refiner(s: dict, base, precision: str):
         base.handoff_steps(refiner, s["high_noise_frac"], sampler=s["sampler"],
                            num_inference_steps=int(s["ddim_steps"]), refiner_num_inference_steps=s.get("refiner_steps"))
     except ValueError as e:
-        raise UsageError(f"--refiner: {_one_line(e)} (--high-noise-frac, --ddim_steps, --refiner-steps)") from None
+        raise UsageError(f"--refiner: {one_line(e)} (--high-noise-frac, --ddim_steps, --refiner-steps)") from None
     return refiner
-
-
-def mesh_devices(mesh):
-    """`mesh: {data: N}` in a run config: the first N devices (-1 or "all": every device)."""
-    import jax
-
-    n = mesh.get("data", -1) if isinstance(mesh, dict) else mesh
-    devices = jax.devices()
-    if n in (-1, "all", None):
-        return devices
-    if jax.process_count() > 1 and n != len(devices):
-        raise UsageError(f"mesh data size {n!r}: with several processes the mesh spans all {len(devices)} devices "
-                         "(use -1)")
-    if not isinstance(n, int) or not 1 <= n <= len(devices):
-        raise UsageError(f"mesh data size must be 1..{len(devices)} or -1 (all devices), got {n!r}")
-    return devices[:n]
 
 
 def start_processes(s: dict) -> tuple[int, int]:
@@ -272,11 +226,7 @@ def start_processes(s: dict) -> tuple[int, int]:
     try:
         return initialize(s.get("coordinator"), s.get("num_processes"), s.get("process_id"))
     except DistributedError as e:
-        raise UsageError(_one_line(e)) from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(one_line(e)) from None
 
 
 def cmd_generate(args, mode: str) -> int:
@@ -291,7 +241,7 @@ def cmd_generate(args, mode: str) -> int:
     outdir = Path(s.get("outdir") or f"outputs/{mode}-samples")
     process, n_processes = start_processes(s)
     pipe, precision, ckpt = load_pipeline(s)
-    from sdjax.upscale import StableDiffusionUpscalePipeline
+    from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     if isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt} is an x4 upscaler: use sdjax upscale --init-img ...")
@@ -313,7 +263,7 @@ def cmd_generate(args, mode: str) -> int:
             local = data_mesh(jax.local_devices()) if n_processes > 1 else None
             reranker = CLIPReranker.from_pretrained(s["rerank_model"], mesh=local)
         except (FileNotFoundError, ValueError, OSError) as e:
-            raise UsageError(f"--rerank-model {s['rerank_model']}: cannot load: {_one_line(e)}") from None
+            raise UsageError(f"--rerank-model {s['rerank_model']}: cannot load: {one_line(e)}") from None
     spec = RunSpec(
         prompts=tuple(prompts), negative_prompt=s.get("negative_prompt") or "", n_samples=int(s["n_samples"]),
         n_iter=int(s["n_iter"]), height=s.get("H"), width=s.get("W"), steps=int(s["ddim_steps"]),
@@ -329,7 +279,7 @@ def cmd_generate(args, mode: str) -> int:
                            resume=bool(s.get("resume")), prompts_per_call=int(s.get("prompts_per_batch") or 1),
                            precision=precision, refiner=refiner)
     except ValueError as e:  # the pipeline's checks of the request
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     if n_processes > 1:
         print(f"sdjax: process {process} of {n_processes}: {len(records)} images saved in {outdir / 'samples'}"
               f"{'; manifest.jsonl merged' if process == 0 else ''}")
@@ -354,7 +304,7 @@ def cmd_rerank(args) -> int:
     try:
         reranker = CLIPReranker.from_pretrained(args.model)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"--model {args.model}: cannot load: {_one_line(e)}") from None
+        raise UsageError(f"--model {args.model}: cannot load: {one_line(e)}") from None
     images = []
     for p in files:
         try:
@@ -400,7 +350,7 @@ def cmd_train(args) -> int:
                              pipeline=args.pipeline, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                              dtype=np.float16 if args.fp16 else None)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     losses = result["losses"]
     print(f"sdjax: {args.stage} trained {args.steps} steps (last loss {float(losses[-1]):.4f}); "
           f"saved in {result['out']}")
@@ -420,7 +370,7 @@ def cmd_eval_tiny(args) -> int:
         result = evaluate_tiny(ckpt, args.rerank_model, n_candidates=args.n_candidates, steps=args.steps,
                                scale=args.scale, seed=args.seed, save_dir=args.save_images)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     print(markdown_table(result))
     if args.json:
         save_result(result, args.json)
@@ -457,8 +407,9 @@ def _add_upscale_parser(sub) -> None:
 
 
 def cmd_upscale(args) -> int:
-    """`sdjax upscale`: `sdjax.upscale.upscale_to_folder` on --init-img, once per prompt."""
-    from sdjax.upscale import StableDiffusionUpscalePipeline, upscale_to_folder
+    """`sdjax upscale`: `sdjax.bulk.upscale_to_folder` on --init-img, once per prompt."""
+    from sdjax.bulk import upscale_to_folder
+    from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     given = load_config(args.config) if args.config else {}
     for key, value in UPSCALE_DEFAULTS.items():  # where neither a flag nor the config sets them
@@ -488,7 +439,7 @@ def cmd_upscale(args) -> int:
             noise_level=int(s["noise_level"]), sampler=s["sampler"], seed=int(s["seed"]), tile_size=int(tile_size),
             tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision)
     except ValueError as e:  # the pipeline's checks of the request (noise level above the model's maximum, ...)
-        raise UsageError(_one_line(e)) from None
+        raise UsageError(one_line(e)) from None
     print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
     return 0
 
@@ -564,7 +515,7 @@ def main(argv=None) -> int:
             return cmd_upscale(args)
         return cmd_generate(args, args.command)
     except UsageError as e:
-        print(f"sdjax: error: {_one_line(e)}", file=sys.stderr)
+        print(f"sdjax: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdjax: interrupted (use --resume to continue)", file=sys.stderr)
@@ -572,8 +523,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m sdjax.cli`: run the imported module's main, so that errors raised as sdjax.cli.UsageError by other
-    # modules (sdjax.demo) are the class main() catches, not a second copy of it in __main__
-    from sdjax.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

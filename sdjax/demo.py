@@ -21,8 +21,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from sdjax.app import HIGH_NOISE_FRAC, default_clip  # noqa: F401 (default_clip: part of this module's API)
+
 REFINER_STRENGTH = 0.3  # img2img fallback: the refiner re-noises the finished image this far and denoises it again
-HIGH_NOISE_FRAC = 0.8  # SDXL hand-off: the base's share of the schedule (diffusers' suggested split)
 MAX_SEED = 2**31 - 1
 
 
@@ -51,7 +52,7 @@ def refiner_schedule(steps: int, strength: float = REFINER_STRENGTH) -> int:
 def is_sdxl_handoff(pipe, refiner) -> bool:
     """True when `pipe` is an SDXL base and `refiner` an SDXL pipeline whose latents it can hand over (SDXL's
     ensemble of expert denoisers); otherwise the demo runs the refiner as an img2img pass."""
-    from sdjax.pipeline import StableDiffusionXLPipeline
+    from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
 
     return (isinstance(pipe, StableDiffusionXLPipeline) and isinstance(refiner, StableDiffusionXLPipeline)
             and pipe.text_encoder is not None
@@ -74,7 +75,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     """
     from PIL import PngImagePlugin
 
-    from sdjax.bulk import a1111_parameters
+    from sdjax.bulk import image_metadata
 
     prompt = prompt or ""
     if not prompt.strip():
@@ -89,16 +90,16 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     if handoff:
         kw.update(refiner=refiner, high_noise_frac=float(high_noise_frac),
                   refiner_num_inference_steps=int(refiner_steps))
-        extra = {"Refiner": refiner.name or "refiner", "Refiner switch at": float(high_noise_frac),
-                 "Refiner steps": int(refiner_steps)}
+        extra = dict(refiner=refiner.name or "refiner", high_noise_frac=float(high_noise_frac),
+                     refiner_steps=int(refiner_steps))
     images = pipe(prompt, negative_prompt or None, height=int(height) if height else None,
                   width=int(width) if width else None, num_inference_steps=int(steps), num_images_per_prompt=n,
                   output_type="pil", **kw).images
     if refine and not handoff:
         images = refiner([prompt] * n, negative_prompt or None, image=images, strength=REFINER_STRENGTH,
                          num_inference_steps=refiner_schedule(int(refiner_steps)), output_type="pil", **kw).images
-        extra = {"Refiner": refiner.name or "refiner", "Refiner mode": "img2img", "Refiner steps": int(refiner_steps),
-                 "Refiner strength": REFINER_STRENGTH}
+        extra = dict(refiner=refiner.name or "refiner", refiner_mode="img2img", refiner_steps=int(refiner_steps),
+                     refiner_strength=REFINER_STRENGTH)
     scores = [None] * n
     order = list(range(n))
     if reranker is not None:
@@ -110,11 +111,10 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     out = []
     for k in order:
         im = images[k]
-        params = a1111_parameters(
-            prompt, negative_prompt or "", steps=int(steps), sampler=sampler, scale=float(guidance_scale),
-            seed=int(seed), width=im.width, height=im.height, model=pipe.name,
-            extra={"Batch pos": k, **extra, **({"CLIP score": f"{scores[k]:.4f}"} if scores[k] is not None else {})},
-        )
+        params, _ = image_metadata(
+            prompt=prompt, negative=negative_prompt or "", seed=int(seed), sampler=sampler, steps=int(steps),
+            scale=float(guidance_scale), width=im.width, height=im.height, model=pipe.name, batch_position=k,
+            **extra, clip_score=scores[k])
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", params)
         path = outdir / f"{uuid.uuid4().hex[:12]}.png"
@@ -131,7 +131,7 @@ def _gradio():
     try:
         import gradio
     except ImportError:
-        from sdjax.cli import UsageError
+        from sdjax.app import UsageError
 
         raise UsageError('the demo needs Gradio: pip install "sdjax[demo]"') from None
     return gradio
@@ -225,19 +225,9 @@ def build_demo(pipe, reranker=None, refiner=None):
     return demo
 
 
-def default_clip(with_shipped: bool = True) -> str | None:
-    """The CLIP used for reranking when none is named: $SDJAX_CLIP, else (with_shipped, i.e. when the shipped
-    pipeline is used) the CLIP shipped with sdjax, if installed."""
-    env = os.environ.get("SDJAX_CLIP")
-    if env:
-        return env
-    shipped = Path(__file__).parent / "default_model" / "clip"
-    return str(shipped) if with_shipped and (shipped / "config.json").is_file() else None
-
-
 def load_models(model=None, rerank_model=None, refiner_model=None):
     """(pipe, reranker or None, refiner or None); defaults: the shipped model (or $SDJAX_MODEL) and CLIP."""
-    from sdjax.cli import UsageError, _one_line, load_pipeline
+    from sdjax.app import UsageError, load_pipeline, one_line
 
     pipe, _, _ = load_pipeline({"ckpt": model})
     refiner = None
@@ -255,7 +245,7 @@ def load_models(model=None, rerank_model=None, refiner_model=None):
         try:
             reranker = CLIPReranker.from_pretrained(rerank_model)
         except (FileNotFoundError, ValueError, OSError) as e:
-            raise UsageError(f"--rerank-model {rerank_model}: cannot load: {_one_line(e)}") from None
+            raise UsageError(f"--rerank-model {rerank_model}: cannot load: {one_line(e)}") from None
     return pipe, reranker, refiner
 
 
@@ -274,7 +264,7 @@ def launch(model=None, rerank_model=None, host: str = "127.0.0.1", port: int | N
 
 def cmd_demo(args) -> int:
     """`sdjax demo`: flags from sdjax.cli."""
-    from sdjax.cli import UsageError
+    from sdjax.app import UsageError
 
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")

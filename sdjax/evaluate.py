@@ -36,10 +36,10 @@ def evaluate_tiny(pipeline=None, clip=None, *, combos=None, n_candidates: int = 
     from tqdm.auto import tqdm
 
     from sdjax import data
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.loading import SHIPPED_MODEL as shipped
+    from sdjax.pipelines.auto import StableDiffusionPipeline
     from sdjax.rerank import CLIPReranker
 
-    shipped = Path(__file__).parent / "default_model"
     if pipeline is None or isinstance(pipeline, (str, Path)):
         pipeline = StableDiffusionPipeline.from_pretrained(pipeline or shipped / "pipeline")
     if clip is None and (shipped / "clip" / "config.json").is_file():

@@ -43,6 +43,10 @@ LOAD_THREADS = min(8, os.cpu_count() or 1)  # threads that transpose and copy te
 _NORMS = (nnx.GroupNorm, nnx.LayerNorm)
 
 
+# The small model that ships with sdjax (trained by `sdjax train`): pipeline/ (diffusers folder) and clip/.
+SHIPPED_MODEL = Path(__file__).parent / "default_model"
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the model built from its config."""
 

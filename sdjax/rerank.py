@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from sdjax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, unit_norm
+
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, transformers' default for CLIP
 
 
@@ -211,15 +211,11 @@ def preprocess(
 # Scoring
 
 
-def _unit(x):
-    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-
-
 def _score(state, ids, mask, pixels, *, graphdef):
     """(B, L) ids + mask, (B, H, W, 3) pixels -> (B,) exp(logit_scale) * cosine(image i, text i), float32."""
     model = nnx.merge(graphdef, state)
-    text = _unit(model.get_text_features(ids, mask).astype(jnp.float32))
-    image = _unit(model.get_image_features(pixels).astype(jnp.float32))
+    text = unit_norm(model.get_text_features(ids, mask).astype(jnp.float32))
+    image = unit_norm(model.get_image_features(pixels).astype(jnp.float32))
     scale = jnp.exp(model.logit_scale.get_value().astype(jnp.float32))
     return jnp.sum(text * image, axis=-1) * scale
 

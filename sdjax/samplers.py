@@ -414,7 +414,8 @@ class Sampler:
         The state holds a step counter and, for multistep samplers, history buffers shaped like `x` (float32). As in
         diffusers' img2img, the history is empty at `start` whatever its value, so the state does not depend on it.
         """
-        if isinstance(start, (int, np.integer)) and not 0 <= start <= self.num_calls:
+        if (isinstance(start, (int, np.integer)) and isinstance(self.num_calls, (int, np.integer))
+                and not 0 <= start <= self.num_calls):
             raise ValueError(f"start={start} is outside [0, {self.num_calls}] for {self.name}")
         shape = jnp.shape(x)
         zeros = lambda *lead: jnp.zeros(lead + shape, jnp.float32)
@@ -471,6 +472,22 @@ class Sampler:
             raise ValueError(f"strength {strength} leaves no denoising step out of {n}; use strength >= {1 / n:g}")
         return max(n - init_timestep, 0) * self.order
 
+    def padded(self, length: int) -> "Sampler":
+        """The same sampler with its tables (and timesteps) padded to `length` calls by repeating the last row, and
+        its counts as arrays: passed to a jitted program as an argument, every step count whose calls fit in
+        `length` runs the same compiled program (the padding is never read: the loop stops at num_calls)."""
+        if length < self.num_calls:
+            raise ValueError(f"cannot pad {self.num_calls} calls to {length}")
+
+        def pad(a):  # on the host: no device op (and no compile) per table length
+            a = np.asarray(a)
+            return np.concatenate([a, np.repeat(a[-1:], length - a.shape[0], axis=0)]) if length > a.shape[0] else a
+
+        return dataclasses.replace(
+            self, timesteps=pad(self.timesteps), tables={k: pad(v) for k, v in self.tables.items()},
+            num_inference_steps=np.int32(self.num_inference_steps), num_calls=np.int32(self.num_calls),
+            init_noise_sigma=np.float32(self.init_noise_sigma))
+
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _clip(self, x0):
@@ -482,14 +499,21 @@ class Sampler:
         return dict(self.options)[key]
 
 
+# The counts are data: a program that takes a (padded) sampler as an argument does not depend on the step count.
 jax.tree_util.register_dataclass(
     Sampler,
-    data_fields=["timesteps", "tables"],
-    meta_fields=[
-        "name", "num_inference_steps", "num_calls", "order", "init_noise_sigma", "needs_noise", "prediction_type",
-        "clip_sample_range", "history", "options",
-    ],
+    data_fields=["timesteps", "tables", "num_inference_steps", "num_calls", "init_noise_sigma"],
+    meta_fields=["name", "order", "needs_noise", "prediction_type", "clip_sample_range", "history", "options"],
 )
+
+
+def calls_bucket(num_calls: int) -> int:
+    """The padded table length for `num_calls` sampler calls: the next power of two from 8 (one compiled program
+    serves every step count of a bucket)."""
+    length = 8
+    while length < num_calls:
+        length *= 2
+    return length
 
 
 # ----------------------------------------------------------------------------------------------------------------

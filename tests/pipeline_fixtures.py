@@ -231,10 +231,10 @@ def sdjax_noise(n_prompts: int, latent_shape, stream=None, seed: int = 0) -> np.
     """The noise sdjax draws for images 0..n_prompts-1 (one image per prompt) in `stream`."""
     import jax.numpy as jnp
 
-    from sdjax import pipeline as pl
+    from sdjax.pipelines import noise
 
-    keys = pl.image_keys(seed, np.arange(n_prompts), np.zeros(n_prompts, int))
-    return np.asarray(pl.image_noise(jnp.asarray(keys), latent_shape, stream))
+    keys = noise.image_keys(seed, np.arange(n_prompts), np.zeros(n_prompts, int))
+    return np.asarray(noise.image_noise(jnp.asarray(keys), latent_shape, stream))
 
 
 def pil_image(a: np.ndarray):

@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 import sdjax  # noqa: E402
-from sdjax import pipeline as pl  # noqa: E402
+from sdjax.pipelines import noise  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
 from pipeline_fixtures import (box_mask, build_pipeline, diffusers_scheduler, patch_noise, pil_image,  # noqa: E402
@@ -58,7 +58,7 @@ def refs(folders):
 
 def step_noises(sampler, start, n_prompts, latent_shape, seed=0):
     """The sampler noise sdjax draws at each call index (diffusers asks for it once per step)."""
-    return [sdjax_noise(n_prompts, latent_shape, pl._STREAM_STEP + i, seed) for i in range(start, 4 * STEPS + 2)]
+    return [sdjax_noise(n_prompts, latent_shape, noise.STREAM_STEP + i, seed) for i in range(start, 4 * STEPS + 2)]
 
 
 LATENT = (H // 2, W // 2, 4)
@@ -95,7 +95,7 @@ def test_img2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
     dp.set_progress_bar_config(disable=True)
     dp.scheduler = diffusers_scheduler(sampler, ref)
     start = samplers.make_sampler(sampler, pipe.scheduler_config, STEPS).index_for_strength(strength)
-    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, pl._STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)]
+    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)]
                 + step_noises(sampler, start, 2, LATENT))
     theirs = dp(PROMPTS, negative_prompt=NEGATIVES, image=images, strength=strength, num_inference_steps=STEPS,
                 guidance_scale=6.0, output_type="np").images
@@ -118,9 +118,9 @@ def test_inpaint_matches_diffusers(kind, strength, sampler, pipes, refs, monkeyp
     nine = kind == "sd1_inpaint"
     queue = []
     if not (nine and strength == 1.0):
-        queue.append(sdjax_noise(2, LATENT, pl._STREAM_IMAGE_LATENTS))
+        queue.append(sdjax_noise(2, LATENT, noise.STREAM_IMAGE_LATENTS))
     queue.append(sdjax_noise(2, LATENT))
-    queue.append(sdjax_noise(2, LATENT, pl._STREAM_MASKED_LATENTS))
+    queue.append(sdjax_noise(2, LATENT, noise.STREAM_MASKED_LATENTS))
     queue += step_noises(sampler, start, 2, LATENT)
     patch_noise(monkeypatch, queue)
     theirs = dp(PROMPTS, negative_prompt=NEGATIVES, image=images, mask_image=masks, strength=strength,

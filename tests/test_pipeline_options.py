@@ -83,7 +83,7 @@ def test_long_prompt_warns_and_truncates(pipe):
 CACHE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     import sdjax
-    from sdjax.pipeline import enable_compilation_cache
+    from sdjax.pipelines.program import enable_compilation_cache
     enable_compilation_cache(sys.argv[2])
     pipe = sdjax.StableDiffusionPipeline.from_pretrained(sys.argv[1])
     out = pipe(["a red circle"], height=32, width=48, num_inference_steps=2, output_type="np").images

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import sdjax  # noqa: E402
-from sdjax import pipeline as pl  # noqa: E402
+from sdjax.pipelines import noise  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
 from pipeline_fixtures import (build_sdxl, diffusers_scheduler, nchw, patch_noise, pil_image,  # noqa: E402
@@ -51,7 +51,7 @@ def refs(folders):
 
 
 def step_noises(calls, n_prompts=2, seed=0):
-    return [sdjax_noise(n_prompts, LATENT, pl._STREAM_STEP + i, seed) for i in calls]
+    return [sdjax_noise(n_prompts, LATENT, noise.STREAM_STEP + i, seed) for i in calls]
 
 
 def report(name, ours, theirs):
@@ -134,7 +134,7 @@ def test_refiner_img2img_matches_diffusers(sampler, pipes, refs, monkeypatch):
               aesthetic_score=7.0, **negative)
     ours = pipe(PROMPTS, sampler=sampler, **kw).images
     ref.scheduler = diffusers_scheduler(sampler, ref)
-    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, pl._STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)])
+    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)])
     theirs = ref(PROMPTS, **kw).images
     assert ours.shape == theirs.shape == (2, H, W, 3)
     assert report(f"refiner img2img {sampler}", ours, theirs) <= TOL

@@ -163,7 +163,7 @@ def test_finetune_pipeline_unet_on_image_folder(tmp_path):
     from PIL import Image
 
     from pipeline_fixtures import build_pipeline
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax import StableDiffusionPipeline
     from sdjax.train import TrainConfig, train_stage
 
     base = build_pipeline(tmp_path / "base")
@@ -222,7 +222,7 @@ def test_shipped_model_same_in_diffusers_and_sdjax():
     import torch
     from diffusers import StableDiffusionPipeline as DiffusersPipeline
 
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax import StableDiffusionPipeline
 
     folder = SHIPPED / "pipeline"
     ref = DiffusersPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)

@@ -20,8 +20,8 @@ from PIL import Image  # noqa: E402
 
 import sdjax  # noqa: E402
 from sdjax import cli  # noqa: E402
-from sdjax import pipeline as pl  # noqa: E402
-from sdjax import upscale as up  # noqa: E402
+from sdjax.pipelines import noise  # noqa: E402
+from sdjax.pipelines import upscale as up  # noqa: E402
 from sdjax.bulk import SAMPLE_NAME  # noqa: E402
 
 from pipeline_fixtures import (TOKENIZER_DIR, diffusers_scheduler, nchw, patch_noise, pil_image,  # noqa: E402
@@ -106,7 +106,7 @@ LOW = [pil_image(smooth_image(h, w, 0)), pil_image(smooth_image(h, w, 3))]
 
 def step_noises(n, seed=0):
     """The sampler noise sdjax draws at each call index (stochastic samplers; diffusers asks once per step)."""
-    return [sdjax_noise(n, (h, w, 4), pl._STREAM_STEP + i, seed) for i in range(4 * STEPS + 2)]
+    return [sdjax_noise(n, (h, w, 4), noise.STREAM_STEP + i, seed) for i in range(4 * STEPS + 2)]
 
 
 def run_both(pipe, ref, monkeypatch, *, sampler, prompts, negatives=None, scale=7.5, noise_level=20,
@@ -218,11 +218,11 @@ BIG = (40, 56)  # low-res; tiles of 24 overlapping by >= 8: rows start at 0, 16;
 
 
 def test_tile_layout():
-    assert up._tile_starts(40, 24, 8) == ([0, 16], 24)
-    assert up._tile_starts(56, 24, 8) == ([0, 16, 32], 24)
-    assert up._tile_starts(16, 24, 8) == ([0], 16)
-    assert up._tile_starts(512, 128, 32) == ([0, 96, 192, 288, 384], 128)
-    starts, tile = up._tile_starts(500, 128, 32)
+    assert up.tile_starts(40, 24, 8) == ([0, 16], 24)
+    assert up.tile_starts(56, 24, 8) == ([0, 16, 32], 24)
+    assert up.tile_starts(16, 24, 8) == ([0], 16)
+    assert up.tile_starts(512, 128, 32) == ([0, 96, 192, 288, 384], 128)
+    starts, tile = up.tile_starts(500, 128, 32)
     assert starts[0] == 0 and starts[-1] + tile == 500
     assert min(a + tile - b for a, b in zip(starts, starts[1:])) >= 32
 

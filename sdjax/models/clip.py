@@ -455,7 +455,13 @@ class CLIPVisionModelWithProjection(PretrainedModel, nnx.Module):
 # Both towers
 
 
-def _unit(x):
+# OpenAI CLIP's image normalisation (transformers' CLIPImageProcessor defaults)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def unit_norm(x):
+    """x / |x| along the last axis (CLIP's embedding normalisation)."""
     return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
 
 
@@ -487,8 +493,8 @@ class CLIPModel(PretrainedModel, nnx.Module):
         text_out = self.text_model(input_ids, attention_mask)
         vision_out = self.vision_model(pixel_values)
         # similarities in float32 whatever the compute dtype: they are compared and ranked
-        text_embeds = _unit(self.text_projection(text_out.pooler_output).astype(jnp.float32))
-        image_embeds = _unit(self.visual_projection(vision_out.pooler_output).astype(jnp.float32))
+        text_embeds = unit_norm(self.text_projection(text_out.pooler_output).astype(jnp.float32))
+        image_embeds = unit_norm(self.visual_projection(vision_out.pooler_output).astype(jnp.float32))
         scale = jnp.exp(self.logit_scale.get_value().astype(jnp.float32))
         logits_per_text = (text_embeds @ image_embeds.T) * scale
         return CLIPOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text_out, vision_out)

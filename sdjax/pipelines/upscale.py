@@ -14,11 +14,7 @@ weights in pixel space. See `StableDiffusionUpscalePipeline.__call__`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -26,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sdjax import pipeline as pl
 from sdjax import samplers as samplers_lib
-from sdjax.pipeline import PipelineOutput, StableDiffusionPipeline
+from sdjax.pipelines import folder as folder_lib
+from sdjax.pipelines import images as images_lib
+from sdjax.pipelines.base import OUTPUT_TYPES, PipelineOutput, PromptInputs, check_prompts, check_seed
+from sdjax.pipelines.noise import STREAM_IMAGE_LATENTS, image_keys, image_noise, tile_keys
+from sdjax.pipelines.sd import StableDiffusionPipeline
 
 SCALING_FACTOR = 0.08333  # the x4 upscaler VAE's; diffusers forces it whatever the config says
 # The low-res image's noise takes img2img's image stream (this pipeline VAE-encodes nothing).
-_STREAM_LOW_RES = pl._STREAM_IMAGE_LATENTS
-# Tile t of a multi-tile run draws its sampler noise from fold_in(fold_in(image key, _STREAM_TILES), t).
-_STREAM_TILES = 2**31 - 1
+STREAM_LOW_RES = STREAM_IMAGE_LATENTS
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
@@ -62,46 +59,46 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                          scheduler_config=scheduler_config, name=name, mesh=mesh)
         self.low_res_scheduler_config = dict(low_res_scheduler_config)
         config = samplers_lib.SchedulerConfig.from_dict(self.low_res_scheduler_config).for_class("DDPMScheduler")
-        self._low_res_alphas_cumprod = samplers_lib.alphas_cumprod(config)
+        self.low_res_alphas_cumprod = samplers_lib.alphas_cumprod(config)
         self.max_noise_level = int(max_noise_level)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=jnp.float32, param_dtype=None, vae_dtype=None, variant=None,
-                        mesh: Mesh | None = None):
-        """Load an x4 upscaler folder: tokenizer, text_encoder, vae, unet, scheduler, low_res_scheduler and
+    def accepts(cls, index: dict) -> bool:
+        return folder_lib.has_component(index, "low_res_scheduler")
+
+    @classmethod
+    def load_folder(cls, folder, index: dict, *, dtype, param_dtype, vae_dtype, variant, mesh):
+        """An x4 upscaler folder: tokenizer, text_encoder, vae, unet, scheduler, low_res_scheduler and
         `max_noise_level` in model_index.json. dtype / param_dtype / vae_dtype as `StableDiffusionPipeline`."""
         from sdjax.models import CLIPTextModel
         from sdjax.tokenizer import Tokenizer
 
-        folder, index = pl._read_index(path_or_id)
-        pl._require(folder, index, ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "low_res_scheduler"))
-        low_res_file = folder / "low_res_scheduler" / "scheduler_config.json"
-        if not low_res_file.is_file():
-            raise FileNotFoundError(f"{low_res_file}: missing")
+        folder_lib.require_components(
+            folder, index, ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "low_res_scheduler"))
         return cls(
             tokenizer=Tokenizer.from_pretrained(folder / "tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
                                                        param_dtype=param_dtype, variant=variant),
-            low_res_scheduler_config=json.loads(low_res_file.read_text()),
+            low_res_scheduler_config=folder_lib.read_scheduler_config(folder, "low_res_scheduler"),
             max_noise_level=index.get("max_noise_level", 350),
-            **pl._load_common(folder, dtype, param_dtype, vae_dtype, variant),
+            **folder_lib.load_vae_unet(folder, dtype, param_dtype, vae_dtype, variant),
             mesh=mesh,
         )
 
     # -- conditioning: the text, plus the noised low-res image and its noise level ---------------------------------
 
-    def _text_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, low_res, noise_level,
-                     low_res_noise, keys=None):
-        inputs, static = super()._text_inputs(prompts, negative_prompt, cfg=cfg, mode=mode, height=height,
-                                              width=width)
-        inputs["low_res"] = low_res  # (prompts, h, w, 3) in [-1, 1]
-        inputs["noise_level"] = np.full(len(prompts), noise_level, np.int32)
-        inputs["per_image"] = {"low_res_noise": low_res_noise, **({"keys": keys} if keys is not None else {})}
-        return inputs, static
+    def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, low_res, noise_level,
+                      low_res_noise, keys=None) -> PromptInputs:
+        text = super().prompt_inputs(prompts, negative_prompt, cfg=cfg, mode=mode, height=height, width=width)
+        text.per_prompt["low_res"] = low_res  # (prompts, h, w, 3) in [-1, 1]
+        text.per_prompt["noise_level"] = np.full(len(prompts), noise_level, np.int32)
+        text.per_image["low_res_noise"] = low_res_noise
+        text.keys = keys
+        return text
 
-    def _conditioning(self, static: tuple):
-        encode_text = super()._conditioning(static)
-        alphas_cumprod = self._low_res_alphas_cumprod
+    def conditioning(self, static: tuple):
+        encode_text = super().conditioning(static)
+        alphas_cumprod = self.low_res_alphas_cumprod
 
         def encode(encoders, inputs, cfg):
             cond, uncond = encode_text(encoders, inputs, cfg)
@@ -109,9 +106,9 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
             # diffusers' DDPMScheduler.add_noise(image, noise, noise_level), float32
             a = jnp.asarray(alphas_cumprod)[level].reshape(-1, 1, 1, 1)
             image = jnp.sqrt(a) * inputs["low_res"].astype(jnp.float32) + jnp.sqrt(1 - a) * inputs["low_res_noise"]
-            cond = dict(cond, class_labels=level, unet_concat=image)
+            cond = dataclasses.replace(cond, class_labels=level, unet_concat=image)
             if uncond is not None:
-                uncond = dict(uncond, class_labels=level)
+                uncond = dataclasses.replace(uncond, class_labels=level)
             return cond, uncond
 
         return encode
@@ -125,11 +122,11 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         are drawn from its key (`pipeline.image_keys`), its low-res noise from that key's stream 1; a tiled run
         crops both from these full-size arrays, so overlapping tiles see the same noise."""
         prompt_index = np.repeat(np.arange(num_prompts), num_images_per_prompt)
-        keys = pl.image_keys(seed, prompt_index, np.tile(np.arange(num_images_per_prompt), num_prompts))
+        keys = image_keys(seed, prompt_index, np.tile(np.arange(num_images_per_prompt), num_prompts))
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             keys = jnp.asarray(keys)
-            latents = pl.image_noise(keys, (height, width, self.latent_channels))
-            low_res_noise = pl.image_noise(keys, (height, width, 3), _STREAM_LOW_RES)
+            latents = image_noise(keys, (height, width, self.latent_channels))
+            low_res_noise = image_noise(keys, (height, width, 3), STREAM_LOW_RES)
         return np.asarray(latents), np.asarray(low_res_noise)
 
     # -- call --------------------------------------------------------------------------------------------------
@@ -169,24 +166,20 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         multi-tile run the stochastic samplers draw each tile's step noise from a key of its own.
         output_type: "pil", "np" ((B, 4h, 4w, 3) in [0, 1]) or "latent" ((B, h, w, C)).
         """
-        prompts = pl._to_list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        prompts = check_prompts(prompt)
         if image is None:
             raise ValueError("image is required: the low-res image to upscale")
-        if output_type not in pl.OUTPUT_TYPES:
-            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(pl.OUTPUT_TYPES)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if isinstance(num_images_per_prompt, bool) or int(num_images_per_prompt) < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if not isinstance(seed, (int, np.integer)) and len(list(seed)) != len(prompts):
-            raise ValueError(f"seed has {len(list(seed))} entries but there are {len(prompts)} prompts: give one "
-                             "int, or one per prompt")
+        seed = check_seed(seed, len(prompts))
         n_per = int(num_images_per_prompt)
         n_prompts = len(prompts)
         n = n_prompts * n_per
         prompt_index = np.repeat(np.arange(n_prompts), n_per)
         level = self._check_noise_level(noise_level)
-        low = self._load_low_res(image, n_prompts)
+        low = images_lib.load_low_res(image, n_prompts, self.vae_scale_factor)
         h, w = low.shape[1:3]
 
         default = None
@@ -204,10 +197,10 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         if low_res_noise.ndim != 4 or low_res_noise.shape[1:] != (h, w, 3):
             raise ValueError(f"low_res_noise must be (batch, {h}, {w}, 3) like the low-res image, got "
                              f"{low_res_noise.shape}")
-        low_res_noise = pl._per_image(low_res_noise, n_prompts, prompt_index, "low_res_noise")
+        low_res_noise = images_lib.per_image(low_res_noise, n_prompts, prompt_index, "low_res_noise")
 
-        ys, tile_h = _tile_starts(h, tile_size, tile_overlap)
-        xs, tile_w = _tile_starts(w, tile_size, tile_overlap)
+        ys, tile_h = tile_starts(h, tile_size, tile_overlap)
+        xs, tile_w = tile_starts(w, tile_size, tile_overlap)
         tiles = [(y, x) for y in ys for x in xs]
         call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                     seed=seed, num_images_per_prompt=n_per, image=None, mask_image=None, strength=1.0)
@@ -215,7 +208,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         def upscale(y, x, keys, output):  # the crop at (y, x), as an ordinary call of the shared program
             crop = (slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
             options = dict(low_res=low[crop], noise_level=level, low_res_noise=low_res_noise[crop], keys=keys)
-            return self._generate_images(prompts, negative_prompt, height=tile_h * self.vae_scale_factor,
+            return self.generate_images(prompts, negative_prompt, height=tile_h * self.vae_scale_factor,
                                          width=tile_w * self.vae_scale_factor, latents=latents[crop],
                                          output_type=output, text_options=options, **call)
 
@@ -224,22 +217,22 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         if jax.process_count() > 1:
             raise ValueError("tiled upscaling runs in one process; give tile_size=None or run one process")
         f = 1 if output_type == "latent" else self.vae_scale_factor
-        overlap = _overlap(tile_size, tile_overlap)
-        keys = pl.image_keys(seed, prompt_index, np.tile(np.arange(n_per), n_prompts))
+        overlap = effective_overlap(tile_size, tile_overlap)
+        keys = image_keys(seed, prompt_index, np.tile(np.arange(n_per), n_prompts))
         total = weights = None
         for t, (y, x) in enumerate(tiles):
-            out = upscale(y, x, _tile_keys(keys, t), "latent" if output_type == "latent" else "np").images
+            out = upscale(y, x, tile_keys(keys, t), "latent" if output_type == "latent" else "np").images
             if total is None:
                 total = np.zeros((n, h * f, w * f, out.shape[-1]), np.float32)
                 weights = np.zeros((h * f, w * f, 1), np.float32)
-            wt = _feather(tile_h, y, h, overlap, f)[:, None] * _feather(tile_w, x, w, overlap, f)[None, :]
+            wt = feather(tile_h, y, h, overlap, f)[:, None] * feather(tile_w, x, w, overlap, f)[None, :]
             region = (slice(y * f, (y + tile_h) * f), slice(x * f, (x + tile_w) * f))
             total[(slice(None), *region)] += out * wt[..., None]
             weights[region] += wt[..., None]
         images = total / weights
         if output_type in ("latent", "np"):
             return PipelineOutput(images=images)
-        return PipelineOutput(images=pl.numpy_to_pil(images))
+        return PipelineOutput(images=images_lib.numpy_to_pil(images))
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -247,52 +240,23 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)):
             raise ValueError(f"noise_level must be an integer, got {noise_level!r}")
         limit = min(self.max_noise_level, self.unet.config.num_class_embeds - 1,
-                    len(self._low_res_alphas_cumprod) - 1)
+                    len(self.low_res_alphas_cumprod) - 1)
         if not 0 <= int(noise_level) <= limit:
             raise ValueError(f"noise_level must be in [0, {limit}] (max_noise_level), got {noise_level}")
         return int(noise_level)
-
-    def _load_low_res(self, image, n_prompts) -> np.ndarray:
-        """-> (n_prompts, h, w, 3) float32 in [-1, 1], h and w multiples of the VAE factor (diffusers'
-        VaeImageProcessor(resample="bicubic") on PIL images; arrays must have such sizes already)."""
-        from PIL import Image
-
-        f = self.vae_scale_factor
-        out, size = [], None
-        for im in pl._as_arrays(image, n_prompts, "image"):
-            if isinstance(im, Image.Image):
-                if size is None:
-                    size = (im.width // f * f, im.height // f * f)
-                if 0 in size:
-                    raise ValueError(f"image {im.width}x{im.height} is smaller than the VAE factor {f}")
-                if im.size != size:
-                    im = im.resize(size, resample=Image.BICUBIC)
-                arr = np.asarray(im.convert("RGB"), np.float32) / 255.0
-            else:
-                arr = np.asarray(im, np.float32)
-                if arr.ndim != 3 or arr.shape[-1] != 3:
-                    raise ValueError(f"image arrays must be (h, w, 3) or (B, h, w, 3) floats in [0, 1], got "
-                                     f"{arr.shape}")
-                if arr.shape[0] % f or arr.shape[1] % f or 0 in arr.shape:
-                    raise ValueError(f"image array {arr.shape[0]}x{arr.shape[1]}: height and width must be positive "
-                                     f"multiples of {f} (the VAE factor); resize it, or pass a PIL image")
-            out.append(arr * 2.0 - 1.0)
-        if len({a.shape for a in out}) != 1:
-            raise ValueError("image: all images must have the same size")
-        return np.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiles
 
 
-def _overlap(tile_size, tile_overlap) -> int:
+def effective_overlap(tile_size, tile_overlap) -> int:
     if tile_size is None:
         return 0
     return int(tile_size) // 4 if tile_overlap is None else int(tile_overlap)
 
 
-def _tile_starts(length: int, tile_size, tile_overlap) -> tuple[list[int], int]:
+def tile_starts(length: int, tile_size, tile_overlap) -> tuple[list[int], int]:
     """(start of each tile along one side, the tile extent): the fewest tiles of `tile_size` that cover `length`
     with neighbours overlapping by at least `tile_overlap`, spread evenly, the last one ending at the border."""
     if tile_size is None:
@@ -302,7 +266,7 @@ def _tile_starts(length: int, tile_size, tile_overlap) -> tuple[list[int], int]:
     for name, v in (("tile_size", tile_size), ("tile_overlap", tile_overlap)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
             raise ValueError(f"{name} must be an integer, got {v!r}")
-    tile, overlap = int(tile_size), _overlap(tile_size, tile_overlap)
+    tile, overlap = int(tile_size), effective_overlap(tile_size, tile_overlap)
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"tile_size must be at least 8 and tile_overlap in [0, tile_size) (low-res pixels), got "
                          f"tile_size {tile_size}, tile_overlap {overlap}")
@@ -313,7 +277,7 @@ def _tile_starts(length: int, tile_size, tile_overlap) -> tuple[list[int], int]:
     return [k * (length - tile) // (count - 1) for k in range(count)], tile
 
 
-def _feather(extent: int, start: int, length: int, overlap: int, f: int) -> np.ndarray:
+def feather(extent: int, start: int, length: int, overlap: int, f: int) -> np.ndarray:
     """A tile's blend weights along one side, (extent * f,): 1 inside, a linear ramp (never 0) over the `overlap`
     pixels next to an edge shared with a neighbour; none at the image border."""
     n, ramp = extent * f, overlap * f
@@ -325,63 +289,3 @@ def _feather(extent: int, start: int, length: int, overlap: int, f: int) -> np.n
         if start + extent < length:
             w = np.minimum(w, up[::-1])
     return w
-
-
-def _tile_keys(keys: np.ndarray, tile: int) -> np.ndarray:
-    """Key data (N, 2) of tile `tile` of every image: its stochastic samplers' own step noise."""
-    def one(k):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(k), _STREAM_TILES), tile)
-        return jax.random.key_data(key)
-
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        return np.asarray(jax.vmap(one)(jnp.asarray(keys)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# `sdjax upscale`: upscale one image for each prompt into a folder, saved as `sdjax.bulk` saves its images
-
-
-def upscale_to_folder(pipe: StableDiffusionUpscalePipeline, init_image: str | os.PathLike, prompts: Sequence[str],
-                      outdir: str | os.PathLike, *, negative_prompt: str = "", n_samples: int = 1, steps: int = 75,
-                      scale: float = 9.0, noise_level: int = 20, sampler: str = "ddim", seed: int = 42,
-                      tile_size: int | None = None, tile_overlap: int | None = None, model: str = "",
-                      precision: str = "") -> list[dict]:
-    """Upscale `init_image` once per prompt (n_samples images each, seed `seed`) into outdir/samples/NNNNN.png:
-    numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
-    a manifest.jsonl line per image, as `sdjax.bulk.run_bulk`. Returns the manifest records written."""
-    from PIL import Image
-
-    from sdjax.bulk import a1111_parameters, append_manifest, save_png_exclusive
-
-    outdir = Path(outdir)
-    samples = outdir / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
-    low = Image.open(init_image).convert("RGB")
-    settings = dict(mode="upscale", prompts=list(prompts), negative=negative_prompt, n_samples=n_samples,
-                    steps=steps, scale=scale, noise_level=noise_level, sampler=sampler, seed=seed,
-                    tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image))
-    run_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    written = []
-    for p, prompt in enumerate(prompts):
-        out = pipe(prompt, low, negative_prompt, num_inference_steps=steps, guidance_scale=scale,
-                   noise_level=noise_level, sampler=sampler, seed=[seed], num_images_per_prompt=n_samples,
-                   tile_size=tile_size, tile_overlap=tile_overlap).images
-        for k, im in enumerate(out):
-            record = dict(
-                run_id=run_id, job=[p, 0, k], prompt=prompt, negative=negative_prompt, seed=seed, batch_position=k,
-                sampler=sampler, steps=steps, scale=scale, size=f"{im.width}x{im.height}", model=model,
-                mode="upscale", noise_level=noise_level, tile_size=tile_size, tile_overlap=tile_overlap,
-                init_image=str(init_image),
-            )
-            if precision:
-                record["precision"] = precision
-            extra = {"Batch pos": k, "Noise level": noise_level, "Init image": Path(init_image).name}
-            if tile_size is not None:
-                extra["Tile size"] = tile_size
-            params = a1111_parameters(prompt, negative_prompt, steps=steps, sampler=sampler, scale=scale, seed=seed,
-                                      width=im.width, height=im.height, model=model, extra=extra)
-            path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
-            record["file"] = str(path.relative_to(outdir))
-            append_manifest(outdir, record)
-            written.append(record)
-    return written

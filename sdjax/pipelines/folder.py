@@ -1,0 +1,64 @@
+"""Reading a diffusers pipeline folder: `model_index.json`, its components, and the networks every family shares."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdjax.loading import resolve_path
+
+
+def read_index(path_or_id) -> tuple[Path, dict]:
+    """(the folder, its model_index.json as a dict); a hub id is fetched first (sdjax.loading.resolve_path)."""
+    folder = resolve_path(path_or_id)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_file}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file}: expected a JSON object, got {type(index).__name__}")
+    return folder, index
+
+
+def has_component(index: dict, part: str) -> bool:
+    """model_index.json lists a component (diffusers writes [null, null] for an absent one)."""
+    entry = index.get(part)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None
+
+
+def require_components(folder: Path, index: dict, parts) -> None:
+    for part in parts:
+        if part not in index or not (folder / part).is_dir():
+            raise FileNotFoundError(f"{folder}: the pipeline has no {part}/ component")
+
+
+def read_scheduler_config(folder: Path, part: str = "scheduler") -> dict:
+    path = folder / part / "scheduler_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def load_vae_unet(folder: Path, dtype, param_dtype, vae_dtype, variant) -> dict:
+    """vae, unet, scheduler config and name: the parts every pipeline folder has (keyword arguments of every
+    pipeline class)."""
+    from sdjax.models import AutoencoderKL, UNet2DConditionModel
+
+    scheduler_config = read_scheduler_config(folder)
+    vae_dtype = vae_dtype or dtype
+    return dict(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=vae_dtype,
+                                          param_dtype=param_dtype or vae_dtype, variant=variant),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, param_dtype=param_dtype,
+                                                  variant=variant),
+        scheduler_config=scheduler_config,
+        name=folder.name,
+    )
