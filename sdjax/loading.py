@@ -262,7 +262,8 @@ def load_state(
     missing = table.keys() - source.keys()
     unexpected = source.keys() - table.keys()
     wrong = []
-    shape_of = checkpoint.shape if isinstance(checkpoint, LazyCheckpoint) else (lambda k: np.shape(checkpoint[k]))
+    # a lazy mapping (LazyCheckpoint, the single-file views) tells shapes without reading data
+    shape_of = checkpoint.shape if callable(getattr(checkpoint, "shape", None)) else (lambda k: np.shape(checkpoint[k]))
     for key in table.keys() & source.keys():
         have = tuple(shape_of(source[key]))
         want = _torch_shape(table[key])
@@ -279,16 +280,17 @@ def load_state(
         raise CheckpointMismatchError(f"{name}: checkpoint does not match the config; " + "; ".join(parts))
 
     dtype = np.dtype(param_dtype)
-    lazy = isinstance(checkpoint, LazyCheckpoint)
+    release = getattr(checkpoint, "release", None)
 
     def fill(key):
         entry = table[key]
         array = _flax_copy(np.asarray(checkpoint[source[key]]), entry.transform, dtype)
-        if lazy:
-            checkpoint.release(source[key])
+        if release is not None:
+            release(source[key])
         return entry.path, jax.device_put(array, sharding)
 
-    keys = sorted(table, key=lambda k: checkpoint.offset(source[k])) if lazy else list(table)  # file order
+    in_file_order = callable(getattr(checkpoint, "offset", None))
+    keys = sorted(table, key=lambda k: checkpoint.offset(source[k])) if in_file_order else list(table)
     # numpy copies and device_put release the GIL, so threads overlap the transposes
     with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
         values = dict(pool.map(fill, keys))
@@ -463,17 +465,26 @@ class PretrainedModel:
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-        config = cls._parse_config(raw)
+        checkpoint = read_checkpoint(weight_files(folder, cls.weight_stems, variant))
+        return cls.from_state(raw, checkpoint, dtype=dtype, param_dtype=param_dtype, sharding=sharding,
+                              name=f"{cls.__name__} from {folder}")
+
+    @classmethod
+    def from_state(cls, config, checkpoint: Mapping[str, np.ndarray], *, dtype=jnp.float32, param_dtype=None,
+                   sharding=None, name: str | None = None):
+        """The model of `config` (a dict or config object) filled from `checkpoint`, {torch name: array} in the
+        diffusers/transformers layout (a lazy mapping with `shape(key)` is read one tensor at a time), strictly:
+        every parameter filled, every key used."""
+        config = cls._parse_config(config)
         param_dtype = param_dtype or dtype
         model = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
-        checkpoint = read_checkpoint(weight_files(folder, cls.weight_stems, variant))
         load_state(
             model,
             checkpoint,
             param_dtype=param_dtype,
             renames=cls.checkpoint_key_renames,
             ignored=cls.ignored_checkpoint_keys,
-            name=f"{cls.__name__} from {folder}",
+            name=name or cls.__name__,
             sharding=sharding,
         )
         return model

@@ -13,13 +13,18 @@ def read_index(path_or_id) -> tuple[Path, dict]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder}: no model_index.json (not a diffusers pipeline folder)")
+    return folder, read_json_object(index_file)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; ValueError naming the file otherwise."""
     try:
-        index = json.loads(index_file.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index_file}: not valid JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_file}: expected a JSON object, got {type(index).__name__}")
-    return folder, index
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def has_component(index: dict, part: str) -> bool:
@@ -38,13 +43,7 @@ def read_scheduler_config(folder: Path, part: str = "scheduler") -> dict:
     path = folder / part / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def load_vae_unet(folder: Path, dtype, param_dtype, vae_dtype, variant) -> dict:
