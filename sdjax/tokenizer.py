@@ -1,9 +1,10 @@
 """CLIP tokenization, as diffusers pipelines do it: BOS, BPE tokens, EOS, padded to 77 with the folder's pad token.
 
 The BPE itself is transformers' `CLIPTokenizer` (transformers is a runtime dependency for this only), read from a
-pipeline's `tokenizer/` folder or the files shipped in `sdjax/tokenizer_data/` (openai/clip-vit-large-patch14's).
-The pad token differs between folders: SD1.x pads with "<|endoftext|>", the SD2.x / SDXL `tokenizer_2` folders
-with "!"; the folder's own config decides.
+pipeline's `tokenizer/` folder or the packaged one, `PACKAGED` (openai/clip-vit-large-patch14's vocab.json and
+merges.txt): the shipped pipeline's `tokenizer/` folder, the one copy of those files that sdjax ships (the
+shipped CLIP folder links to it). The pad token differs between folders: SD1.x pads with "<|endoftext|>", the
+SD2.x / SDXL `tokenizer_2` folders with "!"; the folder's own config decides.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGED = Path(__file__).parent / "tokenizer_data"
+PACKAGED = Path(__file__).parent / "default_model" / "pipeline" / "tokenizer"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -422,6 +422,21 @@ def test_shipped_model_layout_and_size():
 
 
 @needs_model
+def test_shipped_tokenizer_files_are_one_copy():
+    # the pipeline's tokenizer folder is sdjax's packaged tokenizer; the CLIP folder links to its files (a wheel
+    # stores the links as copies); tokenizer.json (the same vocabulary and merges again, 3.6 MB) is not shipped
+    from sdjax.tokenizer import PACKAGED
+
+    tokenizer = SHIPPED / "pipeline" / "tokenizer"
+    assert PACKAGED == tokenizer
+    names = sorted(f.name for f in tokenizer.iterdir())
+    assert names == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    for name in names:
+        assert os.path.samefile(SHIPPED / "clip" / name, tokenizer / name), name
+    assert not list(SHIPPED.rglob("tokenizer.json"))
+
+
+@needs_model
 def test_shipped_model_same_in_diffusers_and_sdjax():
     import torch
     from diffusers import StableDiffusionPipeline as DiffusersPipeline
