@@ -5,6 +5,7 @@ untransposed weight shows up in the outputs.
 """
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -192,6 +193,26 @@ def test_packaged_tokenizer_ids_equal_the_original_tokenizer_json(tok):
     for row, m, want in zip(got, mask, ids):
         want = want[:76] + [49407] if len(want) > 77 else want
         assert row[:len(want)].tolist() == want and m.sum() == len(want) and (row[len(want):] == 49407).all()
+
+
+def test_tokenizer_import_without_torch_is_quiet():
+    # sdjax needs transformers for the tokenizer only; imported without torch, transformers logs "PyTorch was not
+    # found..." to stderr, which sdjax drops (that message only). Control: transformers imported first does log it.
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['torch'] = None\n"  # torch unimportable, as in an install without it
+              "{}\n"
+              "from sdjax.tokenizer import Tokenizer\n"
+              "print(Tokenizer.from_pretrained()(['a red circle'])[0][0, :3].tolist())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    for first, loud in (("", False), ("import transformers", True)):
+        proc = subprocess.run([sys.executable, "-c", script.format(first)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "[49406, 320, 736]"
+        assert ("PyTorch was not found" in proc.stderr) == loud, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
