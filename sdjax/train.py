@@ -254,9 +254,9 @@ DDPM_FAMILY = frozenset({
     "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler",
     "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
 })
-# Scheduler config keys (with the only value sdjax trains) that change the forward process or the target;
+# Scheduler config keys that change the forward process or the target, with the only values sdjax trains;
 # the other keys (timestep spacing, clipping, thresholding, solver options) only affect sampling.
-_TRAIN_ONLY = {
+_TRAINABLE_VALUES = {
     "rescale_betas_zero_snr": False,  # zero terminal SNR rescales alphas_cumprod
     "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # learned: a VLB term
     "timestep_type": "discrete",  # continuous: the UNet sees log-sigmas, not timesteps
@@ -286,7 +286,7 @@ class TrainObjective:
             raise ValueError(f"scheduler {name} is not supported for training: sdjax trains the DDPM noise process "
                              f"(schedulers {', '.join(sorted(DDPM_FAMILY))})")
         defaulted = set(config.get("_use_default_values", ()))
-        for key, ok in _TRAIN_ONLY.items():
+        for key, ok in _TRAINABLE_VALUES.items():
             value = config.get(key)
             if key not in defaulted and value is not None and value not in (ok if isinstance(ok, tuple) else (ok,)):
                 raise ValueError(f"scheduler config {key}={value!r} is not supported for training (only {ok!r})")
