@@ -67,7 +67,7 @@ def sd15_folder(cache: Path) -> Path:
     unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd15_unet.json").read_text()))
     vae = AutoencoderKL.from_config(json.loads((CONFIGS / "sd15_vae.json").read_text()))
     te = CLIPTextModel(CLIPTextConfig(**json.loads((CONFIGS / "clip_vit_l14_text.json").read_text())))
-    tok = CLIPTokenizer.from_pretrained(str(ROOT / "sdjax" / "tokenizer_data"))
+    tok = CLIPTokenizer.from_pretrained(str(ROOT / "sdjax" / "default_model" / "pipeline" / "tokenizer"))
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                           steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,

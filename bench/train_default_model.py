@@ -102,6 +102,13 @@ def install(work: Path, dest: Path = DEFAULT_MODEL) -> None:
         unet=UNet2DConditionModel.from_pretrained(pipe, subfolder="unet"), dtype=np.float16,
     )
     train.write_clip_folder(CLIPModel.from_pretrained(work / "clip"), tmp / "clip", dtype=np.float16)
+    # one copy of the tokenizer files in the source tree: the CLIP folder links to the pipeline's (wheels store
+    # the links as copies, sdjax.tokenizer.PACKAGED is the pipeline's folder)
+    for f in (tmp / "pipeline" / "tokenizer").iterdir():
+        link = tmp / "clip" / f.name
+        if link.is_file() and link.read_bytes() == f.read_bytes():
+            link.unlink()
+            link.symlink_to(Path("..") / "pipeline" / "tokenizer" / f.name)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())

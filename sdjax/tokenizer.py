@@ -1,20 +1,41 @@
 """CLIP tokenization, as diffusers pipelines do it: BOS, BPE tokens, EOS, padded to 77 with the folder's pad token.
 
 The BPE itself is transformers' `CLIPTokenizer` (transformers is a runtime dependency for this only), read from a
-pipeline's `tokenizer/` folder or the files shipped in `sdjax/tokenizer_data/` (openai/clip-vit-large-patch14's).
-The pad token differs between folders: SD1.x pads with "<|endoftext|>", the SD2.x / SDXL `tokenizer_2` folders
-with "!"; the folder's own config decides.
+pipeline's `tokenizer/` folder or the packaged one, `PACKAGED` (openai/clip-vit-large-patch14's vocab.json and
+merges.txt): the shipped pipeline's `tokenizer/` folder, the one copy of those files that sdjax ships (the
+shipped CLIP folder links to it). The pad token differs between folders: SD1.x pads with "<|endoftext|>", the
+SD2.x / SDXL `tokenizer_2` folders with "!"; the folder's own config decides.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-PACKAGED = Path(__file__).parent / "tokenizer_data"
+PACKAGED = Path(__file__).parent / "default_model" / "pipeline" / "tokenizer"
+_NO_TORCH = "PyTorch was not found."
+
+
+class _DropNoTorchNotice(logging.Filter):
+    """transformers logs "PyTorch was not found. Models won't be available..." when it is imported without torch,
+    which is how sdjax runs: it only needs the tokenizer. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_TORCH)
+
+
+def _import_transformers():
+    # the record is logged to transformers' root logger at its first import: the filter must be there before
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropNoTorchNotice) for f in logger.filters):
+        logger.addFilter(_DropNoTorchNotice())
+    import transformers
+
+    return transformers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +59,7 @@ class Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike | None = None, subfolder: str | None = None) -> "Tokenizer":
         """A tokenizer folder (vocab.json + merges.txt and/or tokenizer.json, with its configs); None -> the
         packaged CLIP ViT-L/14 files. Never touches the network."""
-        import transformers
-
+        transformers = _import_transformers()
         folder = PACKAGED if path is None else Path(path).expanduser()
         if subfolder:
             folder = folder / subfolder

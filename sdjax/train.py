@@ -12,9 +12,11 @@ Stages (`train_stage`):
   1 / std of the latents, as SD's 0.18215 was.
 - "clip": text and vision towers, symmetric contrastive loss (captions that are equal count as matches), the real
   CLIP tokenizer.
-- "unet": epsilon prediction on VAE latents * scaling_factor, conditioned on the frozen text encoder's last hidden
-  state, with `cfg_dropout` of the prompts replaced by "" (for classifier-free guidance); SD's DDPM
-  scaled_linear schedule. From a pipeline folder (`pipeline=`) it fine-tunes that pipeline's UNet.
+- "unet": denoising on VAE latents * scaling_factor, conditioned on the frozen text encoder's last hidden
+  state, with `cfg_dropout` of the prompts replaced by "" (for classifier-free guidance). The noise schedule, the
+  timestep range and the regression target (epsilon, v_prediction or sample) are those of the scheduler config
+  of the model (`TrainObjective`): a pipeline folder's own (`pipeline=`: fine-tunes that pipeline's UNet), else
+  `SCHEDULER_CONFIG` (SD 1.x's, which the shipped model uses).
 
 Every stage writes a folder that diffusers/transformers can load (the EMA weights); "unet" writes a complete
 diffusers pipeline folder.
@@ -54,8 +56,8 @@ UNET_CONFIG = dict(
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
     attention_head_dim=4, norm_num_groups=16,
 )  # cross_attention_dim: the text encoder's width; attention at 8x8 only (cheap, and enough for global layout)
-# SD 1.x's training schedule and a DDIM sampler config as SD ships it
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
+# SD 1.x's scheduler config as SD ships it (a DDIM sampler; scaled_linear betas, epsilon prediction): the shipped
+# model's, and the training objective of a UNet trained from scratch
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
@@ -242,14 +244,91 @@ def clip_loss(clip, frozen, batch, key):
     return 0.5 * (jnp.mean(li) + jnp.mean(lt))
 
 
-def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012) -> np.ndarray:
-    """SD's scaled_linear schedule: betas linear in sqrt space."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas).astype(np.float32)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# diffusers schedulers whose forward process is the discrete DDPM one (alphas_cumprod from betas, integer
+# timesteps); diffusers' training scripts noise with a DDPMScheduler built from any of their configs
+DDPM_FAMILY = frozenset({
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler",
+    "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+})
+# Scheduler config keys that change the forward process or the target, with the only values sdjax trains;
+# the other keys (timestep spacing, clipping, thresholding, solver options) only affect sampling.
+_TRAINABLE_VALUES = {
+    "rescale_betas_zero_snr": False,  # zero terminal SNR rescales alphas_cumprod
+    "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),  # learned: a VLB term
+    "timestep_type": "discrete",  # continuous: the UNet sees log-sigmas, not timesteps
+    "use_flow_sigmas": False,  # flow matching
+}
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "rescale_betas_zero_snr", "_use_default_values")
 
 
-def unet_loss(cfg: TrainConfig, scaling_factor: float):
-    acp = jnp.asarray(alphas_cumprod(**SCHEDULE))
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainObjective:
+    """The DDPM forward process and regression target a UNet is trained with, as diffusers' `DDPMScheduler`
+    defines them (`add_noise`, `get_velocity`). Arithmetic is float32; arrays are layout-agnostic (the batch axis
+    first, e.g. latents `(B, H, W, C)`)."""
+
+    alphas_cumprod: np.ndarray  # (num_train_timesteps,) float32, diffusers' table
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "TrainObjective":
+        """From a diffusers `scheduler_config.json` dict. A config that sdjax cannot train (another prediction
+        type, a non-DDPM scheduler, an option that changes the training maths) raises ValueError."""
+        from sdjax import samplers
+
+        name = config.get("_class_name")
+        if name is not None and name not in DDPM_FAMILY:
+            raise ValueError(f"scheduler {name} is not supported for training: sdjax trains the DDPM noise process "
+                             f"(schedulers {', '.join(sorted(DDPM_FAMILY))})")
+        defaulted = set(config.get("_use_default_values", ()))
+        for key, ok in _TRAINABLE_VALUES.items():
+            value = config.get(key)
+            if key not in defaulted and value is not None and value not in (ok if isinstance(ok, tuple) else (ok,)):
+                raise ValueError(f"scheduler config {key}={value!r} is not supported for training (only {ok!r})")
+        prediction_type = "epsilon" if "prediction_type" in defaulted else config.get("prediction_type") or "epsilon"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler config prediction_type={prediction_type!r} cannot be trained; expected one "
+                             f"of {', '.join(PREDICTION_TYPES)}")
+        # the class's own defaults for keys the file leaves out, as XScheduler.from_config would use them
+        schedule = samplers.SchedulerConfig.from_dict({k: config[k] for k in _SCHEDULE_KEYS if k in config})
+        schedule = schedule.for_class(name if name in samplers.DIFFUSERS_CLASS.values() else "DDPMScheduler")
+        return cls(samplers.alphas_cumprod(schedule), prediction_type)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def _coefficients(self, t, ndim):
+        a = jnp.asarray(self.alphas_cumprod)[t]
+        a = a.reshape(a.shape + (1,) * (ndim - 1))
+        return jnp.sqrt(a), jnp.sqrt(1 - a)
+
+    def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; x0, noise (B, ...), t (B,) int in [0, num_train_timesteps)."""
+        sa, sb = self._coefficients(t, x0.ndim)
+        return sa * x0 + sb * noise
+
+    def target(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        """What the UNet learns to predict from x_t: noise (epsilon), sqrt(a_t) noise - sqrt(1 - a_t) x0
+        (v_prediction) or x0 (sample)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        sa, sb = self._coefficients(t, x0.ndim)
+        return sa * noise - sb * x0
+
+
+def unet_loss(cfg: TrainConfig, scaling_factor: float, scheduler_config: dict | TrainObjective):
+    """Mean squared error of the UNet's prediction against the target of `scheduler_config` (a diffusers scheduler
+    config dict, e.g. `SCHEDULER_CONFIG`, or a `TrainObjective`), timesteps uniform over its training range."""
+    objective = (scheduler_config if isinstance(scheduler_config, TrainObjective)
+                 else TrainObjective.from_scheduler_config(scheduler_config))
 
     def loss(unet, frozen, batch, key):
         text_encoder, vae = frozen
@@ -260,12 +339,11 @@ def unet_loss(cfg: TrainConfig, scaling_factor: float):
         drop = jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout
         ids = jnp.where(drop[:, None], batch["empty_ids"], batch["input_ids"])
         context = jax.lax.stop_gradient(text_encoder(ids).last_hidden_state)
-        t = jax.random.randint(k_t, (b,), 0, SCHEDULE["num_train_timesteps"])
+        t = jax.random.randint(k_t, (b,), 0, objective.num_train_timesteps)
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-        a = acp[t][:, None, None, None]
-        noisy = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise
+        noisy = objective.add_noise(latents, noise, t)
         pred = unet(noisy, t, context).astype(jnp.float32)
-        return jnp.mean((pred - noise) ** 2)
+        return jnp.mean((pred - objective.target(latents, noise, t)) ** 2)
 
     return loss
 
@@ -394,14 +472,18 @@ def write_pipeline(folder: Path, *, vae, text_encoder, unet, scheduler_config: d
 
 def train_stage(stage: str, out: str | Path, cfg: TrainConfig = TrainConfig(), *, data: str | Path | None = None,
                 vae: str | Path | None = None, clip: str | Path | None = None, pipeline: str | Path | None = None,
-                model_config: dict | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                mesh=None, progress: bool = True, dtype=None) -> dict:
+                model_config: dict | None = None, scheduler_config: dict | None = None,
+                checkpoint_dir: str | Path | None = None, resume: bool = False, mesh=None, progress: bool = True,
+                dtype=None) -> dict:
     """Train one stage and write its folder to `out`; returns {"losses": (steps,), "out": Path, ...}.
 
     data: a folder of images + captions.jsonl, or None for the synthetic shapes data set.
     vae / clip: trained VAE and CLIP folders (unet stage, from scratch). pipeline: a diffusers pipeline folder whose
     UNet is fine-tuned (and whose VAE and text encoder are used). model_config: the new network's config dict
-    (default: the shipped model's sizes). checkpoint_dir: default `out`/../`<out name>.checkpoints`.
+    (default: the shipped model's sizes). scheduler_config: unet from scratch: the new pipeline's diffusers
+    scheduler config, which sets the training objective (default `SCHEDULER_CONFIG`); a fine-tuned pipeline
+    trains with (and keeps) its own scheduler/scheduler_config.json. A scheduler config sdjax cannot train
+    raises ValueError before any model is loaded. checkpoint_dir: default `out`/../`<out name>.checkpoints`.
     dtype: storage dtype of the written weights (e.g. np.float16).
     """
     from sdjax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
@@ -440,28 +522,37 @@ def train_stage(stage: str, out: str | Path, cfg: TrainConfig = TrainConfig(), *
 
     # unet
     if pipeline is not None:
+        if scheduler_config is not None:
+            raise ValueError("scheduler_config= is for a UNet trained from scratch; a fine-tuned pipeline trains "
+                             "with its own scheduler config")
         pipeline = Path(pipeline)
+        scheduler_file = pipeline / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise FileNotFoundError(f"{scheduler_file}: no such file (the UNet's training objective comes from it)")
+        scheduler = json.loads(scheduler_file.read_text())
+        objective = TrainObjective.from_scheduler_config(scheduler)
         vae_model = AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
         te = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
         unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
         tokenizer = Tokenizer.from_pretrained(pipeline / "tokenizer")
-        scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
         tokenizer_dir = pipeline / "tokenizer"
     else:
         if vae is None or clip is None:
             raise ValueError("the unet stage needs a trained vae= and clip= folder, or pipeline= to fine-tune")
+        scheduler = {"_class_name": "DDPMScheduler", **(scheduler_config or SCHEDULER_CONFIG)}
+        objective = TrainObjective.from_scheduler_config(scheduler)
         vae_model = AutoencoderKL.from_pretrained(vae)
         te = text_encoder_from_clip(CLIPModel.from_pretrained(clip))
         config = dict(model_config or UNET_CONFIG)
         config.setdefault("cross_attention_dim", te.config.hidden_size)
         unet = UNet2DConditionModel.from_config(config, seed=cfg.seed)
-        scheduler, tokenizer_dir = None, None
+        tokenizer_dir = None
     if unet.config.cross_attention_dim[0] != te.config.hidden_size:
         raise ValueError(f"UNet cross_attention_dim {unet.config.cross_attention_dim[0]} != text encoder width "
                          f"{te.config.hidden_size}")
     size = unet.config.sample_size * vae_model.config.downsample_factor
     source = _source(data, cfg.seed, cfg.batch_size, size)
-    loss = unet_loss(cfg, float(vae_model.config.scaling_factor))
+    loss = unet_loss(cfg, float(vae_model.config.scaling_factor), objective)
     max_length = te.config.max_position_embeddings
     unet, losses = fit(unet, loss, _unet_batches(source, tokenizer, max_length), cfg, frozen=(te, vae_model), **kw)
     write_pipeline(out, vae=vae_model, text_encoder=te, unet=unet, scheduler_config=scheduler,
@@ -471,7 +562,7 @@ def train_stage(stage: str, out: str | Path, cfg: TrainConfig = TrainConfig(), *
 
 
 __all__ = [
-    "CLIP_CONFIG", "SCHEDULER_CONFIG", "STAGES", "TrainConfig", "UNET_CONFIG", "VAE_CONFIG", "alphas_cumprod",
-    "clip_loss", "fit", "make_optimizer", "text_encoder_from_clip", "train_stage", "unet_loss", "vae_loss",
-    "write_clip_folder", "write_pipeline",
+    "CLIP_CONFIG", "DDPM_FAMILY", "PREDICTION_TYPES", "SCHEDULER_CONFIG", "STAGES", "TrainConfig",
+    "TrainObjective", "UNET_CONFIG", "VAE_CONFIG", "clip_loss", "fit", "make_optimizer", "text_encoder_from_clip",
+    "train_stage", "unet_loss", "vae_loss", "write_clip_folder", "write_pipeline",
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdjax" / "tokenizer_data"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "sdjax" / "default_model" / "pipeline" / "tokenizer"
 
 SD1_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

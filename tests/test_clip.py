@@ -5,6 +5,7 @@ untransposed weight shows up in the outputs.
 """
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -139,6 +140,79 @@ def test_tokenizer_missing_folder(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# The packaged tokenizer is vocab.json + merges.txt (+ config); tokenizer.json, which holds the same vocabulary and
+# merges, is not shipped. These ids were computed with the original openai/clip-vit-large-patch14 folder, its
+# tokenizer.json included (transformers 5.24): the sha256 of json.dumps of the unpadded, untruncated ids of
+# GOLDEN_PROMPTS + _generated_prompts().
+GOLDEN_PROMPTS = [
+    "a red circle on a blue background",
+    "  Hello   WORLD!!\tdon't   it's I'M 3.14 <|endoftext|>",
+    "café naïve résumé – “quotes” 日本語 テスト 🐱🚀 ﬁ Å",
+    " ".join(["an oil painting of a lighthouse above a stormy sea at dusk — dramatic clouds, crashing waves, "
+              "golden hour, 8k résumé 日本語 🐱"] * 3),  # 98 tokens
+]
+GOLDEN_IDS = {0: [49406, 320, 736, 7117, 525, 320, 1746, 5994, 49407],
+              1: [49406, 3306, 1002, 748, 847, 713, 585, 568, 328, 880, 274, 269, 272, 275, 49407, 49407]}
+GOLDEN_SHA256 = "26c2c18cdcd9ca606b8eea1fc36b9a656c7987c7e2f9d4ca0d59f083ab1f7add"
+
+
+def _generated_prompts(vocab):
+    """300 strings of random vocabulary words and 300 of random characters (ASCII, Latin/Greek/Cyrillic/symbols,
+    CJK, emoji)."""
+    import random
+
+    words = {v: k.replace("</w>", "") for k, v in vocab.items()}
+    rng = random.Random(0)
+    out = []
+    for _ in range(300):
+        out.append(" ".join(words[rng.randrange(49406)] for _ in range(rng.randint(1, 30))))
+        out.append("".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0xa0, 0x3000),
+                                           rng.randrange(0x3000, 0xa000), rng.randrange(0x1f300, 0x1f700)]))
+                           for _ in range(rng.randint(1, 60))))
+    return out
+
+
+def test_packaged_tokenizer_ids_equal_the_original_tokenizer_json(tok):
+    import hashlib
+
+    vocab = json.loads((PACKAGED / "vocab.json").read_text(encoding="utf-8"))
+    prompts = GOLDEN_PROMPTS + _generated_prompts(vocab)
+    shipped = PACKAGED.parents[1]
+    assert PACKAGED == shipped / "pipeline" / "tokenizer" and not (PACKAGED / "tokenizer.json").exists()
+    for folder in (PACKAGED, shipped / "clip"):  # the shipped pipeline's and CLIP's, as transformers reads them
+        hf = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        ids = hf(prompts, verbose=False)["input_ids"]
+        assert {i: ids[i] for i in GOLDEN_IDS} == GOLDEN_IDS
+        assert len(ids[3]) == 98
+        assert hashlib.sha256(json.dumps(ids).encode()).hexdigest() == GOLDEN_SHA256, folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation of the long prompts
+        got, mask = tok(prompts)
+    for row, m, want in zip(got, mask, ids):
+        want = want[:76] + [49407] if len(want) > 77 else want
+        assert row[:len(want)].tolist() == want and m.sum() == len(want) and (row[len(want):] == 49407).all()
+
+
+def test_tokenizer_import_without_torch_is_quiet():
+    # sdjax needs transformers for the tokenizer only; imported without torch, transformers logs "PyTorch was not
+    # found..." to stderr, which sdjax drops (that message only). Control: transformers imported first does log it.
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['torch'] = None\n"  # torch unimportable, as in an install without it
+              "{}\n"
+              "from sdjax.tokenizer import Tokenizer\n"
+              "print(Tokenizer.from_pretrained()(['a red circle'])[0][0, :3].tolist())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    for first, loud in (("", False), ("import transformers", True)):
+        proc = subprocess.run([sys.executable, "-c", script.format(first)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "[49406, 320, 736]"
+        assert ("PyTorch was not found" in proc.stderr) == loud, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Training: the shapes data, resuming after a kill, device-count independence, fine-tuning, and the shipped model.
+"""Training: the shapes data, resuming after a kill, device-count independence, fine-tuning, the UNet's objective
+(from the model's scheduler config, against diffusers' DDPMScheduler), and the shipped model.
 
 Training runs here use tiny networks and a few steps; runs that must be killed or need 8 fake devices run in a
 subprocess (XLA_FLAGS must be set before jax starts).
@@ -75,7 +76,7 @@ def device_run():
     out = {}
     for n in (1, 8):
         unet = UNet2DConditionModel.from_config(UNET, seed=0)
-        _, losses = train.fit(unet, train.unet_loss(cfg, 0.5), batches, cfg, frozen=(te, vae),
+        _, losses = train.fit(unet, train.unet_loss(cfg, 0.5, train.SCHEDULER_CONFIG), batches, cfg, frozen=(te, vae),
                               mesh=data_mesh(jax.devices()[:n]), progress=False)
         out[n] = losses.tolist()
     print(json.dumps(out))
@@ -200,6 +201,209 @@ def test_cli_train_bad_input(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The UNet's training objective: from the scheduler config of the model, as diffusers' DDPMScheduler defines it
+
+SD2_V = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+             beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing",
+             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _ddpm_reference(config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)
+
+
+def _x0_noise_t(T, shape=(6, 8, 8, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    t = np.concatenate([[0, 1, T // 2, T - 1], rng.integers(0, T, shape[0] - 4)]).astype(np.int32)
+    return x0, noise, t
+
+
+@pytest.mark.parametrize("config", [
+    SD2_V,
+    dict(_class_name="DDPMScheduler", beta_schedule="linear", num_train_timesteps=500, beta_start=2e-4,
+         beta_end=0.03, prediction_type="v_prediction"),
+    dict(_class_name="EulerDiscreteScheduler", beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+         timestep_spacing="linspace"),
+], ids=["sd2_scaled_linear", "linear_500", "squaredcos"])
+def test_objective_matches_diffusers_add_noise_and_get_velocity(config):
+    import torch
+
+    from sdjax.train import TrainObjective
+
+    ref = _ddpm_reference(config)
+    obj = TrainObjective.from_scheduler_config(config)
+    T = ref.config.num_train_timesteps
+    assert obj.prediction_type == "v_prediction" and obj.num_train_timesteps == T == len(ref.alphas_cumprod)
+    np.testing.assert_allclose(obj.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=0)
+    x0, noise, t = _x0_noise_t(T)
+    args = (torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t).long())
+    np.testing.assert_allclose(np.asarray(obj.add_noise(x0, noise, t)), ref.add_noise(*args).numpy(), rtol=0,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(obj.target(x0, noise, t)), ref.get_velocity(*args).numpy(), rtol=0,
+                               atol=1e-6)
+
+
+def test_objective_epsilon_and_sample_targets():
+    from sdjax.train import SCHEDULER_CONFIG, TrainObjective
+
+    x0, noise, t = _x0_noise_t(1000)
+    eps = TrainObjective.from_scheduler_config(SCHEDULER_CONFIG)
+    assert eps.prediction_type == "epsilon"
+    np.testing.assert_array_equal(np.asarray(eps.target(x0, noise, t)), noise)
+    sample = TrainObjective.from_scheduler_config(dict(SCHEDULER_CONFIG, prediction_type="sample"))
+    np.testing.assert_array_equal(np.asarray(sample.target(x0, noise, t)), x0)
+    # options that only change sampling are accepted; a file without prediction_type is epsilon, as in diffusers
+    relaxed = dict(SCHEDULER_CONFIG, thresholding=True, clip_sample=True, timestep_spacing="trailing")
+    del relaxed["prediction_type"]
+    assert TrainObjective.from_scheduler_config(relaxed).prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_unet_loss_regresses_on_the_configs_target(prediction_type):
+    # stand-ins: the VAE returns the images as latents, the UNet is an oracle that knows x0 and returns diffusers'
+    # target for (x_t, t) of this config: the loss is ~0 only if unet_loss noises and targets as diffusers does
+    # (and draws t within the config's 500 training steps: the oracle's torch indexing would fail otherwise)
+    from types import SimpleNamespace
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from sdjax import train
+
+    config = dict(_class_name="DDPMScheduler", beta_schedule="linear", num_train_timesteps=500,
+                  prediction_type=prediction_type)
+    ref = _ddpm_reference(config)
+    acp = ref.alphas_cumprod.numpy()
+    x = np.random.default_rng(0).standard_normal((8, 4, 4, 4)).astype(np.float32)
+    scaling = 0.5
+    vae = SimpleNamespace(encode=lambda im: SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda k: im)))
+
+    def text_encoder(ids):
+        return SimpleNamespace(last_hidden_state=jnp.zeros((ids.shape[0], ids.shape[1], 8)))
+
+    def oracle(kind):
+        def unet(noisy, t, context):
+            x0, xt, tt = x * scaling, np.asarray(noisy), torch.from_numpy(np.array(t)).long()
+            a = acp[tt.numpy()][:, None, None, None]
+            noise = (xt - np.sqrt(a) * x0) / np.sqrt(1 - a)
+            if kind == "epsilon":
+                return jnp.asarray(noise)
+            if kind == "sample":
+                return jnp.asarray(x0)
+            return jnp.asarray(ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), tt).numpy())
+        return unet
+
+    ids = np.zeros((8, 77), np.int32)
+    batch = {"images": jnp.asarray(x), "input_ids": ids, "empty_ids": ids}
+    loss = train.unet_loss(train.TrainConfig(), scaling, config)
+    for kind in train.PREDICTION_TYPES:
+        value = float(loss(oracle(kind), (text_encoder, vae), batch, jax.random.key(1)))
+        assert (value < 1e-8) if kind == prediction_type else (value > 1e-2), (kind, value)
+
+
+def test_unet_loss_same_as_before_for_the_default_config():
+    # unet_loss before the objective came from the scheduler config: SD1's scaled_linear table in float64 rounded
+    # to float32. The table now is diffusers' (float32 betas, as the pipeline's samplers use it); 986 of the 1000
+    # values differ from the old one by a few ulps, so the losses agree to float32 rounding, not bit for bit.
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax import train
+    from sdjax.models import AutoencoderKL, CLIPModel, UNet2DConditionModel
+    from sdjax.tokenizer import Tokenizer
+
+    def old_unet_loss(cfg, scaling_factor):
+        betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+        acp = jnp.asarray(np.cumprod(1.0 - betas).astype(np.float32))
+
+        def loss(unet, frozen, batch, key):
+            text_encoder, vae = frozen
+            x = batch["images"]
+            b = x.shape[0]
+            k_lat, k_t, k_noise, k_drop = jax.random.split(key, 4)
+            latents = jax.lax.stop_gradient(vae.encode(x).latent_dist.sample(k_lat)) * scaling_factor
+            drop = jax.random.uniform(k_drop, (b,)) < cfg.cfg_dropout
+            ids = jnp.where(drop[:, None], batch["empty_ids"], batch["input_ids"])
+            context = jax.lax.stop_gradient(text_encoder(ids).last_hidden_state)
+            t = jax.random.randint(k_t, (b,), 0, 1000)
+            noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+            a = acp[t][:, None, None, None]
+            noisy = jnp.sqrt(a) * latents + jnp.sqrt(1 - a) * noise
+            pred = unet(noisy, t, context).astype(jnp.float32)
+            return jnp.mean((pred - noise) ** 2)
+
+        return loss
+
+    frozen = (train.text_encoder_from_clip(CLIPModel.from_config(CLIP, seed=0)), AutoencoderKL.from_config(VAE, seed=0))
+    unet = UNet2DConditionModel.from_config(UNET, seed=0)
+    batch = train._unet_batches(data.synthetic_batches(0, 4, size=16), Tokenizer.from_pretrained(None), 77)(0)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    cfg = train.TrainConfig(cfg_dropout=0.5)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        new = float(train.unet_loss(cfg, 0.5, train.SCHEDULER_CONFIG)(unet, frozen, batch, key))
+        old = float(old_unet_loss(cfg, 0.5)(unet, frozen, batch, key))
+        np.testing.assert_allclose(new, old, rtol=2e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prediction_type="flow_prediction"), "prediction_type='flow_prediction' cannot be trained"),
+    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True is not supported for training"),
+    (dict(_class_name="DDPMScheduler", variance_type="learned_range"), "variance_type='learned_range'"),
+    (dict(_class_name="EulerDiscreteScheduler", timestep_type="continuous"), "timestep_type='continuous'"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule='sigmoid' is not supported"),
+    (dict(_class_name="FlowMatchEulerDiscreteScheduler", shift=3.0), "FlowMatchEulerDiscreteScheduler is not"),
+])
+def test_objective_refuses_what_it_cannot_train(change, message):
+    from sdjax.train import SCHEDULER_CONFIG, TrainObjective
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as e:
+        TrainObjective.from_scheduler_config(dict(SCHEDULER_CONFIG, **change))
+    assert "\n" not in str(e.value)
+
+
+def test_finetune_uses_the_pipelines_objective(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from pipeline_fixtures import build_pipeline
+    from sdjax import train
+    from sdjax.cli import main
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(cfg, scaling_factor, objective):
+        seen.append(objective)
+        raise Stop
+
+    base = build_pipeline(tmp_path / "sd2", kind="sd2")
+    monkeypatch.setattr(train, "unet_loss", spy)
+    with pytest.raises(Stop):
+        train.train_stage("unet", tmp_path / "tuned", train.TrainConfig(steps=1, batch_size=2), pipeline=base,
+                          progress=False)
+    ref = _ddpm_reference(json.loads((base / "scheduler" / "scheduler_config.json").read_text()))
+    assert seen[0].prediction_type == "v_prediction"
+    np.testing.assert_allclose(seen[0].alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6, atol=0)
+    assert ref.alphas_cumprod.dtype == torch.float32
+
+    # a scheduler config it cannot train: one line from the CLI, before any model is loaded
+    bad = tmp_path / "bad"
+    (bad / "scheduler").mkdir(parents=True)
+    (bad / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(SD2_V, prediction_type="flow")))
+    capsys.readouterr()
+    assert main(["train", "unet", "--out", str(tmp_path / "o"), "--pipeline", str(bad), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prediction_type='flow' cannot be trained" in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The shipped model
 
 needs_model = pytest.mark.skipif(not (SHIPPED / "pipeline" / "model_index.json").is_file(),
@@ -215,6 +419,21 @@ def test_shipped_model_layout_and_size():
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (SHIPPED / "pipeline" / part).is_dir()
     assert (SHIPPED / "clip" / "preprocessor_config.json").is_file()
+
+
+@needs_model
+def test_shipped_tokenizer_files_are_one_copy():
+    # the pipeline's tokenizer folder is sdjax's packaged tokenizer; the CLIP folder links to its files (a wheel
+    # stores the links as copies); tokenizer.json (the same vocabulary and merges again, 3.6 MB) is not shipped
+    from sdjax.tokenizer import PACKAGED
+
+    tokenizer = SHIPPED / "pipeline" / "tokenizer"
+    assert PACKAGED == tokenizer
+    names = sorted(f.name for f in tokenizer.iterdir())
+    assert names == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    for name in names:
+        assert os.path.samefile(SHIPPED / "clip" / name, tokenizer / name), name
+    assert not list(SHIPPED.rglob("tokenizer.json"))
 
 
 @needs_model
