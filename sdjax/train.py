@@ -36,6 +36,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sdjax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 STAGES = ("vae", "clip", "unet")
 
 # The shipped model's sizes (CPU-trainable: 64x64 images, 16x16x4 latents).
@@ -63,8 +65,8 @@ SCHEDULER_CONFIG = {
     "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
     "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
 }
-OPENAI_CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-OPENAI_CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN = np.asarray(OPENAI_CLIP_MEAN, np.float32)
+CLIP_STD = np.asarray(OPENAI_CLIP_STD, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +361,7 @@ def _tokenize(tokenizer, captions, max_length):
 
 def clip_pixels(images: np.ndarray) -> np.ndarray:
     """Images in [-1, 1] at the vision tower's size -> CLIP-normalised pixels (what the reranker feeds it)."""
-    return ((images + 1) / 2 - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
+    return ((images + 1) / 2 - CLIP_MEAN) / CLIP_STD
 
 
 def _vae_batches(source, seed, crop):
@@ -426,8 +428,8 @@ def write_clip_folder(clip, folder: Path, dtype=None) -> None:
     size = clip.config.vision_config.image_size
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
-        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": OPENAI_CLIP_MEAN.tolist(),
-        "image_processor_type": "CLIPImageProcessor", "image_std": OPENAI_CLIP_STD.tolist(), "resample": 3,
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN.tolist(),
+        "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD.tolist(), "resample": 3,
         "rescale_factor": 1 / 255, "size": {"shortest_edge": size},
     }, indent=2) + "\n")
 
