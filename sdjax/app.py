@@ -38,30 +38,59 @@ def default_clip(with_shipped: bool = True) -> str | None:
     return str(shipped) if with_shipped and (shipped / "config.json").is_file() else None
 
 
-def load_pipeline(s: dict):
-    """(pipeline, precision, ckpt) from the settings `ckpt` (default: default_model()), `precision` and `mesh`."""
+PREDICTION_TYPES = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+def load_pipeline(s: dict, key: str = "ckpt", mesh=None):
+    """(pipeline, precision, path) from the settings: `s[key]` (default for "ckpt": default_model()) is a diffusers
+    folder, hub id or single-file checkpoint (then `model_config` and `prediction_type` apply); `precision`;
+    `mesh` (a run config's mesh, or the given one)."""
     import jax
     import jax.numpy as jnp
 
     from sdjax.distributed import data_mesh
     from sdjax.pipelines import auto
 
-    ckpt = s.get("ckpt") or default_model()
+    flag = f"--{key}"
+    ckpt = s.get(key) or (default_model() if key == "ckpt" else None)
     if not ckpt:
-        raise UsageError("no --ckpt given and no default model is installed: pass a diffusers pipeline folder")
-    path = Path(ckpt).expanduser()
-    if path.is_file():
-        raise UsageError(f"--ckpt {ckpt}: single-file checkpoints are not supported yet; give a diffusers folder")
+        raise UsageError(f"no {flag} given and no default model is installed: pass a diffusers pipeline folder or "
+                         "a single-file checkpoint")
     precision = s.get("precision") or ("full" if jax.default_backend() == "cpu" else "autocast")
     dtype = jnp.float32 if precision == "full" else jnp.bfloat16
-    mesh = None
-    if s.get("mesh"):
+    if mesh is None and s.get("mesh"):
         mesh = data_mesh(mesh_devices(s["mesh"]))
+    single = Path(str(ckpt)).expanduser().is_file()
+    prediction = s.get("prediction_type")
+    if prediction is not None and prediction not in PREDICTION_TYPES:
+        raise UsageError(f"--prediction-type must be eps or v, got {prediction!r}")
+    if not single and (s.get("model_config") or prediction):
+        raise UsageError(f"--model-config and --prediction-type are for single-file checkpoints; {flag} {ckpt} is "
+                         "a folder (its own configs apply)")
     try:
-        pipe = auto.from_pretrained(ckpt, dtype=dtype, mesh=mesh)
+        if single:
+            pipe = auto.from_single_file(ckpt, config=s.get("model_config"), dtype=dtype, mesh=mesh,
+                                         prediction_type=PREDICTION_TYPES.get(prediction))
+        else:
+            pipe = auto.from_pretrained(ckpt, dtype=dtype, mesh=mesh)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"--ckpt {ckpt}: cannot load the model: {one_line(e)}") from None
+        raise UsageError(f"{flag} {ckpt}: cannot load the model: {one_line(e)}") from None
     return pipe, precision, ckpt
+
+
+def model_hash(path) -> str | None:
+    """A1111's `Model hash` of a single-file checkpoint: the first 10 hex digits of its SHA-256 (None for a
+    folder)."""
+    import hashlib
+
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def mesh_devices(mesh):

@@ -57,6 +57,7 @@ class RunSpec:
     strength: float = 0.75
     init_image: str | None = None
     mask: str | None = None
+    model_hash: str | None = None  # a single-file checkpoint's A1111 hash (app.model_hash)
     refiner: str | None = None  # SDXL base -> refiner hand-off: the refiner's name, its schedule, the split
     refiner_steps: int | None = None
     high_noise_frac: float | None = None
@@ -67,6 +68,8 @@ class RunSpec:
         if self.refiner is None:  # runs without a refiner keep the ids they had before these fields existed
             for k in ("refiner", "refiner_steps", "high_noise_frac"):
                 del fields[k]
+        if self.model_hash is None:  # likewise runs of a folder model
+            del fields["model_hash"]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -93,6 +96,7 @@ A1111_NAMES = {
     "batch_position": "Batch pos", "refiner": "Refiner", "high_noise_frac": "Refiner switch at",
     "refiner_steps": "Refiner steps", "refiner_mode": "Refiner mode", "refiner_strength": "Refiner strength",
     "noise_level": "Noise level", "init_image": "Init image", "tile_size": "Tile size", "clip_score": "CLIP score",
+    "model_hash": "Model hash",
 }
 
 
@@ -336,7 +340,8 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                 params, record = image_metadata(
                     prompt=spec.prompts[p], negative=spec.negative_prompt, seed=seed, sampler=spec.sampler,
                     steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
-                    precision=precision, run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
+                    precision=precision, **({} if spec.model_hash is None else {"model_hash": spec.model_hash}),
+                    run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
                     clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
                     **({"process": process} if n_processes > 1 else {}))
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
@@ -378,7 +383,7 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
                       outdir: str | os.PathLike, *, negative_prompt: str = "", n_samples: int = 1, steps: int = 75,
                       scale: float = 9.0, noise_level: int = 20, sampler: str = "ddim", seed: int = 42,
                       tile_size: int | None = None, tile_overlap: int | None = None, model: str = "",
-                      precision: str = "") -> list[dict]:
+                      precision: str = "", model_hash: str | None = None) -> list[dict]:
     """Upscale `init_image` once per prompt (n_samples images each, seed `seed`) into outdir/samples/NNNNN.png:
     numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
     a manifest.jsonl line per image, as `run_bulk`. `pipe`: a StableDiffusionUpscalePipeline. Returns the manifest
@@ -401,7 +406,8 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
         for k, im in enumerate(out):
             params, record = image_metadata(
                 prompt=prompt, negative=negative_prompt, seed=seed, sampler=sampler, steps=steps, scale=scale,
-                width=im.width, height=im.height, model=model, precision=precision, run_id=run_id, job=[p, 0, k],
+                width=im.width, height=im.height, model=model, precision=precision,
+                **({} if model_hash is None else {"model_hash": model_hash}), run_id=run_id, job=[p, 0, k],
                 batch_position=k, mode="upscale", noise_level=noise_level, init_image=str(init_image),
                 tile_size=tile_size, tile_overlap=tile_overlap)
             path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import HIGH_NOISE_FRAC, UsageError, default_model, load_pipeline, one_line
+from sdjax.app import HIGH_NOISE_FRAC, UsageError, default_model, load_pipeline, model_hash, one_line
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
 SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
@@ -21,6 +21,15 @@ SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UsageError(f"{message} (see {self.prog} --help)")  # prog: "sdjax" or "sdjax txt2img"
+
+
+def _add_single_file_flags(p: argparse.ArgumentParser):
+    p.add_argument("--model-config", dest="model_config",
+                   help="single-file --ckpt: a diffusers folder whose configs to use, or a built-in name (sd15, "
+                        "sd15-inpainting, sd21, sd21-base, sd2-inpainting, sdxl, sdxl-refiner, x4-upscaler); default: "
+                        "detected from the file")
+    p.add_argument("--prediction-type", dest="prediction_type", choices=["eps", "v"],
+                   help="single-file --ckpt: the model's prediction type (SD 2.x files do not say; default: detected)")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
@@ -40,7 +49,9 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--dpm_solver", action="store_true", help="sample with DPM-Solver++ 2M (--sampler dpmpp_2m)")
     p.add_argument("--sampler", help="sampler name: ddim, pndm, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, lms, "
                                      "heun, ddpm, unipc (default ddim)")
-    p.add_argument("--ckpt", help="a diffusers pipeline folder or hub id (default: the shipped model)")
+    p.add_argument("--ckpt", help="a diffusers pipeline folder, hub id, or single-file checkpoint (.safetensors, "
+                                  ".ckpt: read without running pickled code) (default: the shipped model)")
+    _add_single_file_flags(p)
     p.add_argument("--precision", choices=["full", "autocast"],
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     p.add_argument("--config", help="a YAML run config; flags given here override its values")
@@ -63,7 +74,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     if mode == "inpaint":
         p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
     if mode == "txt2img":
-        p.add_argument("--refiner", help="an SDXL refiner folder: with an SDXL --ckpt, the base denoises the first "
+        p.add_argument("--refiner", help="an SDXL refiner folder or single file: with an SDXL --ckpt, the base denoises the first "
                                          "--high-noise-frac of the schedule, the refiner the rest (in latent space)")
         p.add_argument("--refiner-steps", dest="refiner_steps", type=int,
                        help="the refiner's schedule length, of which it runs the part after --high-noise-frac "
@@ -81,6 +92,7 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "mesh": "mesh", "prompts_per_batch": "prompts_per_batch",
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
+    "model_config": "model_config", "prediction_type": "prediction_type",
 }
 
 
@@ -162,8 +174,9 @@ def _check_refiner_settings(s: dict, mode: str) -> None:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise UsageError(f"--refiner-steps must be an integer of at least 1, got {steps}")
     refiner = Path(str(s["refiner"])).expanduser()
-    if not refiner.is_dir() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(s["refiner"])):  # a hub id is fetched
-        raise UsageError(f"--refiner {s['refiner']}: no such folder (give an SDXL refiner pipeline folder)")
+    if not refiner.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(s["refiner"])):  # a hub id is fetched
+        raise UsageError(f"--refiner {s['refiner']}: no such folder or file (give an SDXL refiner pipeline folder or "
+                         "single-file checkpoint)")
 
 
 def read_prompts(s: dict) -> list[str]:
@@ -195,18 +208,14 @@ def _check_image(path: str, flag: str):
 
 def load_refiner(s: dict, base, precision: str):
     """The SDXL refiner of `--refiner`, loaded like the base (same precision and devices); the base must be SDXL."""
-    import jax.numpy as jnp
-
     from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
 
     if not isinstance(base, StableDiffusionXLPipeline):
         raise UsageError(f"--refiner needs an SDXL base model; --ckpt {s.get('ckpt') or default_model()} is not SDXL "
                          "(no text_encoder_2)")
-    dtype = jnp.float32 if precision == "full" else jnp.bfloat16
-    try:
-        refiner = StableDiffusionXLPipeline.from_pretrained(s["refiner"], dtype=dtype, mesh=base.mesh)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise UsageError(f"--refiner {s['refiner']}: cannot load an SDXL pipeline: {one_line(e)}") from None
+    refiner, _, _ = load_pipeline(dict(precision=precision, refiner=s["refiner"]), key="refiner", mesh=base.mesh)
+    if not isinstance(refiner, StableDiffusionXLPipeline):
+        raise UsageError(f"--refiner {s['refiner']}: not an SDXL pipeline")
     if (refiner.vae_scale_factor, refiner.latent_channels) != (base.vae_scale_factor, base.latent_channels):
         raise UsageError(f"--refiner {s['refiner']}: its VAE latents differ from the base's; they cannot be handed "
                          "over")
@@ -268,6 +277,7 @@ def cmd_generate(args, mode: str) -> int:
         prompts=tuple(prompts), negative_prompt=s.get("negative_prompt") or "", n_samples=int(s["n_samples"]),
         n_iter=int(s["n_iter"]), height=s.get("H"), width=s.get("W"), steps=int(s["ddim_steps"]),
         scale=float(s["scale"]), sampler=s["sampler"], seed=int(s["seed"]), model=Path(ckpt).name or str(ckpt),
+        model_hash=model_hash(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
         **({} if refiner is None else dict(
@@ -386,8 +396,10 @@ def _add_upscale_parser(sub) -> None:
     u.add_argument("--prompt", help="what the image shows (default: empty)")
     u.add_argument("--from-file", dest="from_file", help="a text file with one prompt per line (an upscale each)")
     u.add_argument("--negative-prompt", dest="negative_prompt", help="what the upscale should not show")
-    u.add_argument("--ckpt", help="a diffusers x4 upscaler folder or hub id, e.g. "
-                                  "stabilityai/stable-diffusion-x4-upscaler (required: none ships with sdjax)")
+    u.add_argument("--ckpt", help="a diffusers x4 upscaler folder, hub id (e.g. "
+                                  "stabilityai/stable-diffusion-x4-upscaler) or single-file checkpoint (required: none "
+                                  "ships with sdjax)")
+    _add_single_file_flags(u)
     u.add_argument("--outdir", help="output folder (default outputs/upscale-samples)")
     u.add_argument("--noise-level", dest="noise_level", type=int,
                    help="noise added to the low-res image, 0 to the model's max_noise_level (default 20)")
@@ -437,10 +449,27 @@ def cmd_upscale(args) -> int:
             pipe, s["init_img"], prompts, outdir, negative_prompt=s.get("negative_prompt") or "",
             n_samples=int(s["n_samples"]), steps=int(s["ddim_steps"]), scale=float(s["scale"]),
             noise_level=int(s["noise_level"]), sampler=s["sampler"], seed=int(s["seed"]), tile_size=int(tile_size),
-            tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision)
+            tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision,
+            model_hash=model_hash(ckpt))
     except ValueError as e:  # the pipeline's checks of the request (noise level above the model's maximum, ...)
         raise UsageError(one_line(e)) from None
     print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """`sdjax convert FILE OUT_DIR`: `sdjax.pipelines.single_file.convert`."""
+    from sdjax.app import PREDICTION_TYPES
+    from sdjax.pipelines.single_file import convert
+
+    if not Path(args.file).expanduser().is_file():
+        raise UsageError(f"{args.file}: no such file")
+    try:
+        out = convert(args.file, args.out_dir, config=args.model_config, extract_ema=args.extract_ema,
+                      prediction_type=PREDICTION_TYPES.get(args.prediction_type))
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        raise UsageError(f"convert {args.file}: {one_line(e)}") from None
+    print(f"sdjax: wrote {out} (a diffusers folder)")
     return 0
 
 
@@ -491,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
     _add_train_parsers(sub)
     _add_upscale_parser(sub)
+    c = sub.add_parser("convert", help="write a single-file checkpoint (.safetensors, .ckpt) as a diffusers folder")
+    c.add_argument("file", help="the single-file checkpoint")
+    c.add_argument("out_dir", help="the diffusers folder to write (must not exist)")
+    _add_single_file_flags(c)
+    c.add_argument("--extract-ema", dest="extract_ema", action="store_true",
+                   help="use the EMA UNet weights of a training checkpoint")
     return parser
 
 
@@ -513,6 +548,8 @@ def main(argv=None) -> int:
             return cmd_eval_tiny(args)
         if args.command == "upscale":
             return cmd_upscale(args)
+        if args.command == "convert":
+            return cmd_convert(args)
         return cmd_generate(args, args.command)
     except UsageError as e:
         print(f"sdjax: error: {one_line(e)}", file=sys.stderr)

@@ -56,9 +56,11 @@ class Tokenizer:
         self.hf = hf_tokenizer
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, subfolder: str | None = None) -> "Tokenizer":
+    def from_pretrained(cls, path: str | os.PathLike | None = None, subfolder: str | None = None,
+                        pad_token: str | None = None) -> "Tokenizer":
         """A tokenizer folder (vocab.json + merges.txt and/or tokenizer.json, with its configs); None -> the
-        packaged CLIP ViT-L/14 files. Never touches the network."""
+        packaged CLIP ViT-L/14 files. pad_token: replaces the folder's (OpenCLIP encoders pad with "!"). Never
+        touches the network."""
         transformers = _import_transformers()
         folder = PACKAGED if path is None else Path(path).expanduser()
         if subfolder:
@@ -67,7 +69,8 @@ class Tokenizer:
             raise FileNotFoundError(f"{folder}: no such tokenizer folder")
         if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
             raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.json (is this a CLIP tokenizer folder?)")
-        return cls(transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
+        options = {} if pad_token is None else {"pad_token": pad_token}
+        return cls(transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **options))
 
     @property
     def model_max_length(self) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines.sd import StableDiffusionPipeline
 from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
 from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
@@ -17,7 +16,12 @@ def pipeline_class(index: dict) -> type:
 
 
 def from_pretrained(path_or_id, dtype=jnp.float32, param_dtype=None, vae_dtype=None, variant=None, mesh=None):
-    """Load any supported diffusers pipeline folder (or hub id) with the class its model_index.json calls for."""
-    folder, index = folder_lib.read_index(path_or_id)
-    return pipeline_class(index).load_folder(folder, index, dtype=dtype, param_dtype=param_dtype,
-                                             vae_dtype=vae_dtype, variant=variant, mesh=mesh)
+    """Load any supported diffusers pipeline folder (or hub id), or a single-file checkpoint, with the class its
+    model_index.json (or its keys) call for. Every family is imported here, so the dispatch is complete."""
+    return StableDiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, param_dtype=param_dtype,
+                                                   vae_dtype=vae_dtype, variant=variant, mesh=mesh)
+
+
+def from_single_file(path, **options):
+    """`StableDiffusionPipeline.from_single_file` with every family loaded."""
+    return StableDiffusionPipeline.from_single_file(path, **options)

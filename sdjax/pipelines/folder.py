@@ -46,18 +46,47 @@ def read_scheduler_config(folder: Path, part: str = "scheduler") -> dict:
     return read_json_object(path)
 
 
-def load_vae_unet(folder: Path, dtype, param_dtype, vae_dtype, variant) -> dict:
-    """vae, unet, scheduler config and name: the parts every pipeline folder has (keyword arguments of every
-    pipeline class)."""
+class FolderSource:
+    """Where a pipeline class gets its parts from: a diffusers folder (`sdjax.pipelines.single_file` has the same
+    interface for one original-layout file)."""
+
+    def __init__(self, folder: Path, index: dict, variant: str | None = None):
+        self.folder, self.index, self.variant = folder, index, variant
+        self.name = folder.name
+
+    def has(self, part: str) -> bool:
+        return has_component(self.index, part)
+
+    def require(self, parts) -> None:
+        require_components(self.folder, self.index, parts)
+
+    def flag(self, key: str, default):
+        """A model_index.json setting (force_zeros_for_empty_prompt, requires_aesthetics_score, max_noise_level)."""
+        return self.index.get(key, default)
+
+    def model(self, klass, part: str, *, dtype, param_dtype):
+        return klass.from_pretrained(self.folder, subfolder=part, dtype=dtype, param_dtype=param_dtype,
+                                     variant=self.variant)
+
+    def tokenizer(self, part: str):
+        from sdjax.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(self.folder / part)
+
+    def scheduler_config(self, part: str = "scheduler") -> dict:
+        return read_scheduler_config(self.folder, part)
+
+
+def load_vae_unet(source, dtype, param_dtype, vae_dtype) -> dict:
+    """vae, unet, scheduler config and name: the parts every pipeline has (keyword arguments of every pipeline
+    class), from a FolderSource or a single-file source."""
     from sdjax.models import AutoencoderKL, UNet2DConditionModel
 
-    scheduler_config = read_scheduler_config(folder)
+    scheduler_config = source.scheduler_config()
     vae_dtype = vae_dtype or dtype
     return dict(
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=vae_dtype,
-                                          param_dtype=param_dtype or vae_dtype, variant=variant),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, param_dtype=param_dtype,
-                                                  variant=variant),
+        vae=source.model(AutoencoderKL, "vae", dtype=vae_dtype, param_dtype=param_dtype or vae_dtype),
+        unet=source.model(UNet2DConditionModel, "unet", dtype=dtype, param_dtype=param_dtype),
         scheduler_config=scheduler_config,
-        name=folder.name,
+        name=source.name,
     )

@@ -2,6 +2,7 @@
 UNet's context. txt2img, img2img and inpainting are modes of the one program (`sdjax.pipelines.program`)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -35,34 +36,62 @@ class StableDiffusionPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=jnp.float32, param_dtype=None, vae_dtype=None, variant=None,
                         mesh: Mesh | None = None):
-        """Load a diffusers pipeline folder (`model_index.json`, tokenizer, text_encoder, vae, unet, scheduler).
+        """Load a diffusers pipeline folder (`model_index.json`, tokenizer, text_encoder, vae, unet, scheduler), or
+        a single-file checkpoint (a path to a file: `from_single_file` with its defaults).
 
         dtype: compute dtype of the networks (float32, bfloat16, float16); param_dtype: storage (default dtype);
         vae_dtype: the VAE's dtype (default dtype; float32 avoids fp16 VAE overflow). Called on this class, an SDXL
         or x4 upscaler folder gives that pipeline class.
         """
+        if Path(path_or_id).expanduser().is_file():
+            return cls.from_single_file(path_or_id, dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype,
+                                        mesh=mesh)
         folder, index = folder_lib.read_index(path_or_id)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype, variant=variant, mesh=mesh)
-        if not cls.accepts(index):
-            klass = _subclass_for(cls, index)
-            if klass is None:
-                raise ValueError(f"{folder}: model_index.json names {index.get('_class_name', 'another pipeline')}, "
-                                 f"which {cls.__name__} does not load; use sdjax.StableDiffusionPipeline")
-            return klass.load_folder(folder, index, **kw)
-        return cls.load_folder(folder, index, **kw)
+        return cls.load(folder_lib.FolderSource(folder, index, variant), dtype=dtype, param_dtype=param_dtype,
+                        vae_dtype=vae_dtype, mesh=mesh)
 
     @classmethod
-    def load_folder(cls, folder, index: dict, *, dtype, param_dtype, vae_dtype, variant, mesh):
-        """The pipeline of a diffusers folder whose model_index.json (`index`) this class accepts."""
-        from sdjax.models import CLIPTextModel
-        from sdjax.tokenizer import Tokenizer
+    def from_single_file(cls, path, config=None, prediction_type=None, upcast_attention=None, image_size=None,
+                         extract_ema=False, dtype=jnp.float32, param_dtype=None, vae_dtype=None,
+                         mesh: Mesh | None = None):
+        """Load a single-file checkpoint in the original CompVis / Stability layout (`.safetensors`, or a PyTorch
+        `.ckpt`/`.pt` read without torch and without running any pickled code; see `sdjax.formats`).
 
-        folder_lib.require_components(folder, index, ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
+        config: a diffusers folder or hub id whose configs to use (as diffusers' `config=`), or a built-in name
+        (sd15, sd15-inpainting, sd21, sd21-base, sd2-inpainting, sdxl, sdxl-refiner, x4-upscaler); default: the
+        family detected from the file's keys and shapes. prediction_type ("epsilon" | "v_prediction"): overrides
+        the scheduler's (SD 2.x files do not say; the 768 v-prediction model is assumed, with a printed note).
+        upcast_attention, image_size: override the UNet config. extract_ema: use the EMA UNet weights of a
+        training checkpoint. Returns the class of the family (SD, SDXL base/refiner, x4 upscaler).
+        """
+        from sdjax.pipelines.single_file import open_single_file
+
+        source = open_single_file(path, config=config, prediction_type=prediction_type,
+                                  upcast_attention=upcast_attention, image_size=image_size, extract_ema=extract_ema)
+        return cls.load(source, dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype, mesh=mesh)
+
+    @classmethod
+    def load(cls, source, *, dtype, param_dtype, vae_dtype, mesh):
+        """The pipeline from a source of parts (`folder.FolderSource`, `single_file.SingleFileSource`): this class,
+        or the loaded subclass whose `accepts(source.index)` is true."""
+        if not cls.accepts(source.index):
+            klass = _subclass_for(cls, source.index)
+            if klass is None:
+                raise ValueError(f"{source.name}: the model is a {source.index.get('_class_name', 'another pipeline')}"
+                                 f", which {cls.__name__} does not load; use sdjax.StableDiffusionPipeline")
+            return klass.load(source, dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype, mesh=mesh)
+        return cls.from_parts(source, dtype=dtype, param_dtype=param_dtype, vae_dtype=vae_dtype, mesh=mesh)
+
+    @classmethod
+    def from_parts(cls, source, *, dtype, param_dtype, vae_dtype, mesh):
+        """The pipeline from the parts of a source this class accepts."""
+        from sdjax.models import CLIPTextModel
+
+        source.require(("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
         return cls(
-            tokenizer=Tokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
-                                                       param_dtype=param_dtype, variant=variant),
-            **folder_lib.load_vae_unet(folder, dtype, param_dtype, vae_dtype, variant),
+            tokenizer=source.tokenizer("tokenizer"),
+            text_encoder=source.model(CLIPTextModel, "text_encoder", dtype=dtype, param_dtype=param_dtype),
+            **folder_lib.load_vae_unet(source, dtype, param_dtype, vae_dtype),
             mesh=mesh,
         )
 

@@ -54,26 +54,25 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return folder_lib.has_component(index, "text_encoder_2")
 
     @classmethod
-    def load_folder(cls, folder, index: dict, *, dtype, param_dtype, vae_dtype, variant, mesh):
-        """An SDXL base or refiner folder (diffusers layout: tokenizer(_2), text_encoder(_2), vae, unet,
-        scheduler; `force_zeros_for_empty_prompt` and `requires_aesthetics_score` from model_index.json)."""
+    def from_parts(cls, source, *, dtype, param_dtype, vae_dtype, mesh):
+        """An SDXL base or refiner (parts: tokenizer(_2), text_encoder(_2), vae, unet, scheduler;
+        `force_zeros_for_empty_prompt` and `requires_aesthetics_score` from model_index.json)."""
         from sdjax.models import CLIPTextModel
         from sdjax.models.clip import CLIPTextModelWithProjection
-        from sdjax.tokenizer import Tokenizer
 
-        folder_lib.require_components(folder, index, ("tokenizer_2", "text_encoder_2", "vae", "unet", "scheduler"))
-        kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
-        base = folder_lib.has_component(index, "text_encoder")
+        source.require(("tokenizer_2", "text_encoder_2", "vae", "unet", "scheduler"))
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        base = source.has("text_encoder")
         if base:
-            folder_lib.require_components(folder, index, ("tokenizer",))
+            source.require(("tokenizer",))
         return cls(
-            tokenizer=Tokenizer.from_pretrained(folder / "tokenizer") if base else None,
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw) if base else None,
-            tokenizer_2=Tokenizer.from_pretrained(folder / "tokenizer_2"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **kw),
-            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
-            requires_aesthetics_score=index.get("requires_aesthetics_score", False),
-            **folder_lib.load_vae_unet(folder, dtype, param_dtype, vae_dtype, variant),
+            tokenizer=source.tokenizer("tokenizer") if base else None,
+            text_encoder=source.model(CLIPTextModel, "text_encoder", **kw) if base else None,
+            tokenizer_2=source.tokenizer("tokenizer_2"),
+            text_encoder_2=source.model(CLIPTextModelWithProjection, "text_encoder_2", **kw),
+            force_zeros_for_empty_prompt=source.flag("force_zeros_for_empty_prompt", True),
+            requires_aesthetics_score=source.flag("requires_aesthetics_score", False),
+            **folder_lib.load_vae_unet(source, dtype, param_dtype, vae_dtype),
             mesh=mesh,
         )
 

@@ -67,21 +67,18 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         return folder_lib.has_component(index, "low_res_scheduler")
 
     @classmethod
-    def load_folder(cls, folder, index: dict, *, dtype, param_dtype, vae_dtype, variant, mesh):
-        """An x4 upscaler folder: tokenizer, text_encoder, vae, unet, scheduler, low_res_scheduler and
-        `max_noise_level` in model_index.json. dtype / param_dtype / vae_dtype as `StableDiffusionPipeline`."""
+    def from_parts(cls, source, *, dtype, param_dtype, vae_dtype, mesh):
+        """An x4 upscaler: tokenizer, text_encoder, vae, unet, scheduler, low_res_scheduler and `max_noise_level`
+        in model_index.json. dtype / param_dtype / vae_dtype as `StableDiffusionPipeline`."""
         from sdjax.models import CLIPTextModel
-        from sdjax.tokenizer import Tokenizer
 
-        folder_lib.require_components(
-            folder, index, ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "low_res_scheduler"))
+        source.require(("tokenizer", "text_encoder", "vae", "unet", "scheduler", "low_res_scheduler"))
         return cls(
-            tokenizer=Tokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
-                                                       param_dtype=param_dtype, variant=variant),
-            low_res_scheduler_config=folder_lib.read_scheduler_config(folder, "low_res_scheduler"),
-            max_noise_level=index.get("max_noise_level", 350),
-            **folder_lib.load_vae_unet(folder, dtype, param_dtype, vae_dtype, variant),
+            tokenizer=source.tokenizer("tokenizer"),
+            text_encoder=source.model(CLIPTextModel, "text_encoder", dtype=dtype, param_dtype=param_dtype),
+            low_res_scheduler_config=source.scheduler_config("low_res_scheduler"),
+            max_noise_level=source.flag("max_noise_level", 350),
+            **folder_lib.load_vae_unet(source, dtype, param_dtype, vae_dtype),
             mesh=mesh,
         )
 
