@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax.formats import CheckpointFormatError, SafetensorsFile
+
 CONV = "conv"
 LINEAR = "linear"
 COPY = "copy"
@@ -136,58 +138,6 @@ def weight_files(folder: Path, stems: Iterable[str], variant: str | None = None)
     )
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-class _SafetensorsFile:
-    """One memory-mapped safetensors file: the header is parsed, the tensors are views into the map (no copy)."""
-
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ValueError("file too short for a safetensors header")
-            n = int.from_bytes(f.read(8), "little")
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
-        self.start = 8 + n
-        self.entries = {}  # key -> (dtype, shape, begin, end) with begin/end absolute file offsets
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (self.start + int(o) for o in info["data_offsets"])
-            if not self.start <= begin <= end <= size or end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {key!r}: data offsets {info['data_offsets']} do not fit its shape/dtype")
-            self.entries[key] = (dtype, shape, begin, end)
-
-    def view(self, key: str) -> np.ndarray:
-        dtype, shape, begin, end = self.entries[key]
-        if begin == end:
-            return np.zeros(shape, dtype)
-        return np.frombuffer(self.map, dtype, math.prod(shape), begin).reshape(shape)
-
-    def release(self, key: str) -> None:
-        """Drop the pages of `key` from this process's resident set (the OS page cache keeps them)."""
-        _, _, begin, end = self.entries[key]
-        if self.map is None or end == begin or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        lo = begin // page * page
-        try:
-            self.map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-        except OSError:  # only a memory hint
-            pass
-
-
 class LazyCheckpoint(Mapping[str, np.ndarray]):
     """All tensors of one or more safetensors files, memory-mapped: `ckpt[key]` is a read-only view into the
     file (nothing is read until it is used); `ckpt.shape(key)` reads only the header."""
@@ -195,7 +145,7 @@ class LazyCheckpoint(Mapping[str, np.ndarray]):
     def __init__(self, files: list[Path]):
         self._where = {}
         for f in files:
-            st = _SafetensorsFile(Path(f))
+            st = SafetensorsFile(Path(f))
             for k in st.entries:
                 self._where[k] = st
 
@@ -220,9 +170,13 @@ class LazyCheckpoint(Mapping[str, np.ndarray]):
 
 
 def read_checkpoint(files: list[Path]) -> LazyCheckpoint:
+    """The safetensors files of a model folder, checked by `sdjax.formats.SafetensorsFile` (strict header, tensors
+    tiling the data section, pickles and zips named `.safetensors` refused)."""
     try:
         return LazyCheckpoint(files)
-    except Exception as e:  # a truncated or foreign file
+    except CheckpointFormatError as e:  # its message starts with the file's path
+        raise type(e)(f"cannot read safetensors checkpoint {e}") from None
+    except Exception as e:  # an unreadable file
         raise ValueError(f"cannot read safetensors checkpoint {', '.join(map(str, files))}: {e}") from None
 
 

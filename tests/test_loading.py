@@ -78,11 +78,18 @@ def _corrupt(path, how):
         header["a"]["data_offsets"][1] += 4
     if how == "dtype":
         header["a"]["dtype"] = "Q7"
+    if how == "overlapping":  # b read from inside a: same length, so only the tiling check sees it
+        header["b"]["data_offsets"] = [header["a"]["data_offsets"][0], header["a"]["data_offsets"][0] + 12]
+    if how == "fractional":  # used to be truncated to an int
+        header["b"]["data_offsets"][1] += 0.5
+    if how == "pickle":
+        import pickle
+        return pickle.dumps({"a": 1}, protocol=2)
     text = json.dumps(header).encode()
     return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
-@pytest.mark.parametrize("how", ["truncated", "short", "offsets", "dtype"])
+@pytest.mark.parametrize("how", ["truncated", "short", "offsets", "dtype", "overlapping", "fractional", "pickle"])
 def test_broken_file_is_a_clear_error(tmp_path, how):
     path = tmp_path / "w.safetensors"
     save_file({"a": np.ones((4, 4), np.float32), "b": np.ones(3, np.float32)}, str(path))
