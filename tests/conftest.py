@@ -13,3 +13,16 @@ def _torch_threads():
     except ImportError:
         return
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def xla_default_optimisations():
+    """XLA's default optimisations for one test, whatever its module set (`pipeline_fixtures.quick_compiles` turns
+    most of them off). jax does not key its compile cache on this setting: the test must compile new programs (a
+    new `jax.jit`, a new pipeline), or it would run the ones compiled before."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
