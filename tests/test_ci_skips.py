@@ -37,6 +37,12 @@ FILES = {
         def test_importorskip_inside():
             pytest.importorskip("{MISSING}")
 
+        def test_skip_on_import_error_inside():
+            try:
+                import {MISSING}_three
+            except ImportError:
+                pytest.skip("needs {MISSING}_three")
+
         def test_skip_for_another_reason():
             pytest.skip("needs a GPU")
 
@@ -80,14 +86,16 @@ def test_ci_fails_tests_skipped_for_missing_packages_only(tmp_path):
     result = run_pytest(tmp_path, ["test_items.py"], ci=True)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
-    assert "1 failed, 1 passed, 2 skipped, 1 xfailed" in out, out
-    line = next(line for line in out.splitlines() if line.startswith("FAILED "))
-    assert "test_items.py::test_importorskip_inside" in line and f"could not import '{MISSING}'" in line, line
+    assert "2 failed, 1 passed, 2 skipped, 1 xfailed" in out, out
+    failed = [line for line in out.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 2, out
+    assert "test_items.py::test_importorskip_inside" in failed[0] and f"could not import '{MISSING}'" in failed[0]
+    assert "test_items.py::test_skip_on_import_error_inside" in failed[1] and f"needs {MISSING}_three" in failed[1]
 
 
 def test_without_ci_missing_packages_skip(tmp_path):
     result = run_pytest(tmp_path, list(FILES), ci=False)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "1 passed, 5 skipped, 1 xfailed" in out, out
+    assert "1 passed, 6 skipped, 1 xfailed" in out, out
     assert f"could not import '{MISSING}'" in out
