@@ -24,6 +24,7 @@ import math
 import mmap
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -316,6 +317,61 @@ def state_dict(model: nnx.Module, dtype=None) -> dict[str, np.ndarray]:
         array = to_torch(array, entry.transform)
         out[key] = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes 0-d arrays 1-d
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config dicts: one policy for every network's `from_dict`
+
+# Keys transformers writes into config.json (PretrainedConfig's own attributes, and the generation defaults that
+# versions before 5 saved with every model) that say nothing about a CLIP network's math; transformers 5 itself
+# ignores most of them. diffusers' bookkeeping (`_class_name`, `_diffusers_version`, `_name_or_path`, ...) and
+# transformers' `_name_or_path`, `_commit_hash`, ... start with "_" and are dropped as such.
+CONFIG_BOOKKEEPING = frozenset({
+    "model_type", "transformers_version", "architectures", "dtype", "torch_dtype", "use_bfloat16", "torchscript",
+    "return_dict", "output_hidden_states", "output_attentions", "tf_legacy_loss", "pruned_heads",
+    "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "id2label",
+    "label2id", "num_labels", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type", "gradient_checkpointing",
+    "xla_device", "use_cache",
+    # generation parameters
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "encoder_repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+})
+
+_WARNED_UNKNOWN: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def config_fields(cls: type, d: Mapping[str, Any], *, refuse: Mapping[str, tuple] | None = None,
+                  ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The entries of a diffusers/transformers config dict `d` that are fields of the dataclass `cls`.
+
+    - `_`-prefixed keys and `CONFIG_BOOKKEEPING` (unless they are fields of `cls`) are dropped silently;
+    - `refuse`: options the reference library reads and that change the network's math, each with the values this
+      port computes (the reference's default first); any other value raises a one-line ValueError naming the key
+      and the value, rather than computing a different network;
+    - `ignore`: options accepted with any value because they do not change inference (dropout, init scales);
+    - any other key warns (UserWarning, once per class and set of keys per process) naming the keys, and is dropped,
+      as diffusers and transformers drop keys they do not know.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    refuse = refuse or {}
+    for name, allowed in refuse.items():
+        if name in d and d[name] not in allowed:
+            only = " or ".join(repr(v) for v in allowed)
+            raise ValueError(f"{cls.__name__}: {name} = {d[name]!r} is not supported (sdjax implements {only})")
+    known = fields | set(refuse) | set(ignore) | CONFIG_BOOKKEEPING
+    unknown = tuple(sorted(k for k in d if k not in known and not k.startswith("_")))
+    if unknown and (cls.__qualname__, unknown) not in _WARNED_UNKNOWN:
+        _WARNED_UNKNOWN.add((cls.__qualname__, unknown))
+        warnings.warn(f"{cls.__name__}: ignoring unknown config keys {', '.join(unknown)} (sdjax does not read them)",
+                      UserWarning, stacklevel=3)
+    return {k: v for k, v in d.items() if k in fields}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -475,4 +475,6 @@ def test_shipped_clip_loads_in_transformers():
     with torch.no_grad():
         want = ref(**inputs).logits_per_image.numpy()
     got = CLIPReranker.from_pretrained(folder).score(images, prompts)
-    np.testing.assert_allclose(got, np.diag(want), rtol=1e-4, atol=1e-3)
+    # The checkpoint is float16; both sides upcast it exactly and compute in float32, so this is float32 parity:
+    # measured 1.9e-6 on scores of about 16 (logit scale 17.4); 1e-5 is the per-network bound.
+    np.testing.assert_allclose(got, np.diag(want), rtol=0, atol=1e-5)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from sdjax.loading import PretrainedModel
+from sdjax.loading import PretrainedModel, config_fields
 from sdjax.models.layers import layer_norm, linear
 
 # transformers' ACT2FN names -> functions (torch's GELU is exact erf unless "tanh" is named)
@@ -39,9 +39,8 @@ _LEGACY_EOS_TOKEN_ID = 2
 # Configs
 
 
-def _known_fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+# transformers options that do not change inference (sdjax's training of CLIP uses no dropout)
+_IGNORED = ("attention_dropout", "dropout", "initializer_range", "initializer_factor")
 
 
 def _check_common(name, hidden_size, num_attention_heads, hidden_act):
@@ -82,7 +81,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        d = _known_fields(cls, d)
+        d = config_fields(cls, d, ignore=_IGNORED)
         if d.get("architectures") is not None:
             d["architectures"] = tuple(d["architectures"])
         return cls(**d)
@@ -134,7 +133,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPVisionConfig":
-        d = _known_fields(cls, d)
+        d = config_fields(cls, d, ignore=_IGNORED)
         for key in ("image_size", "patch_size"):  # transformers allows [h, w]; only square is supported here
             if isinstance(d.get(key), (list, tuple)):
                 if len(set(d[key])) != 1:
@@ -164,7 +163,7 @@ class CLIPConfig:
         # older files carry `text_config_dict` / `vision_config_dict`, which override `text_config` / `vision_config`
         text = {**(d.get("text_config") or {}), **(d.get("text_config_dict") or {})}
         vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}
-        d = _known_fields(cls, d)
+        d = config_fields(cls, d, ignore=_IGNORED + ("text_config_dict", "vision_config_dict"))
         d["text_config"] = CLIPTextConfig.from_dict(text)
         d["vision_config"] = CLIPVisionConfig.from_dict(vision)
         if d.get("architectures") is not None:

@@ -7,13 +7,12 @@ through `sdjax.loading`'s table with no per-model renames.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax.loading import PretrainedModel
+from sdjax.loading import PretrainedModel, config_fields
 from sdjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -167,13 +166,10 @@ class UNetConfig:
 
         diffusers' `attention_head_dim` holds the number of heads (a naming mistake it keeps for old configs:
         `num_attention_heads = num_attention_heads or attention_head_dim`); it is read here, once, as such.
-        Keys with `_` are metadata and dropped; unknown keys warn; known options with values this port does not
-        implement raise ValueError naming the option.
+        Then `sdjax.loading.config_fields`: metadata dropped, unknown keys warn, the diffusers options of `_FIXED`
+        with values this port does not implement raise ValueError naming the option and the value.
         """
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        for name, allowed in _FIXED.items():
-            if name in d and d[name] not in allowed:
-                raise ValueError(f"UNet config {name} = {d[name]!r} is not supported (only {allowed[0]!r})")
+        d = dict(d)
         heads = d.pop("num_attention_heads", None)
         legacy = d.pop("attention_head_dim", 8)
         d["num_attention_heads"] = heads if heads is not None else legacy
@@ -181,11 +177,7 @@ class UNetConfig:
             d["upcast_attention"] = False
         if d.get("only_cross_attention") is None:
             d["only_cross_attention"] = False
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(d.keys() - names - set(_FIXED) - set(_IGNORED))
-        if unknown:
-            warnings.warn(f"UNet config: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**config_fields(cls, d, refuse=_FIXED, ignore=_IGNORED))
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers `config.json` dict (diffusers' `UNet2DConditionModel.from_pretrained` reads it).

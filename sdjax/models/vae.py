@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.loading import PretrainedModel
+from sdjax.loading import PretrainedModel, config_fields
 from sdjax.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 _EPS = 1e-6  # every norm of the VAE
@@ -64,10 +63,10 @@ class VAEConfig:
                 f"VAE config: {len(self.down_block_types)} down blocks and {len(self.up_block_types)} up blocks "
                 f"for {n} block_out_channels; they must be equal"
             )
-        bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
-        bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
-        if bad:
-            raise ValueError(f"VAE block types {bad} are not supported (DownEncoderBlock2D, UpDecoderBlock2D)")
+        for name, only in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            bad = [t for t in getattr(self, name) if t != only]
+            if bad:
+                raise ValueError(f"VAE config {name} {bad} are not supported (only {only})")
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ValueError(f"VAE block_out_channels {c} is not divisible by norm_num_groups "
@@ -86,13 +85,10 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        """From a diffusers `config.json` dict; `_`-prefixed metadata is dropped, unknown keys warn."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(d.keys() - names)
-        if unknown:
-            warnings.warn(f"VAE config: ignoring unknown keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From a diffusers `config.json` dict (`sdjax.loading.config_fields`: metadata dropped, unknown keys warn).
+        Every option diffusers' `AutoencoderKL` reads is a field; values this port does not implement (another
+        activation or block type) raise in `__post_init__`."""
+        return cls(**config_fields(cls, d))
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers `config.json` dict (diffusers' `AutoencoderKL.from_pretrained` reads it)."""
