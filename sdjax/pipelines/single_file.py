@@ -19,8 +19,9 @@ class SingleFileSource:
     """The parts of one single-file checkpoint (the interface of `folder.FolderSource`)."""
 
     def __init__(self, path: Path, configs: original_layout.ComponentConfigs, views: original_layout.Components,
-                 detected: original_layout.Detected):
+                 detected: original_layout.Detected, config_folder: Path | None = None):
         self.path, self.configs, self.views, self.detected = path, configs, views, detected
+        self.config_folder = config_folder  # config= a diffusers folder: its tokenizers too, as diffusers
         self.index = configs.model_index()
         self.name = path.stem
 
@@ -44,9 +45,12 @@ class SingleFileSource:
                                 param_dtype=param_dtype, name=f"{klass.__name__} ({part}) from {self.path}")
 
     def tokenizer(self, part: str):
-        """The packaged CLIP BPE files (every SD text encoder uses them); OpenCLIP encoders pad with "!"."""
+        """The config folder's tokenizer, else the packaged CLIP BPE files (every SD text encoder uses them);
+        OpenCLIP encoders pad with "!"."""
         from sdjax.tokenizer import Tokenizer
 
+        if self.config_folder is not None and (self.config_folder / part).is_dir():
+            return Tokenizer.from_pretrained(self.config_folder / part)
         encoder = getattr(self.configs, part.replace("tokenizer", "text_encoder"))
         openclip = part == "tokenizer_2" or (encoder or {}).get("hidden_act") == "gelu"
         return Tokenizer.from_pretrained(None, pad_token="!" if openclip else None)
@@ -80,10 +84,11 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
     """Read, detect and configure one single-file checkpoint (see `StableDiffusionPipeline.from_single_file`)."""
     path = Path(path).expanduser()
     state = formats.read_state_dict(path)
-    detected = original_layout.detect(original_layout.shapes(state), global_step=formats.global_step(path))
+    detected = original_layout.detect(original_layout.shapes(state), global_step=_global_step(path))
     if prediction_type is not None and prediction_type not in original_layout.PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(original_layout.PREDICTION_TYPES)}, got "
                          f"{prediction_type!r}")
+    config_folder = None
     if config is None:
         configs = original_layout.builtin_configs(detected.config_name,
                                                   prediction_type=prediction_type or detected.prediction_type)
@@ -97,7 +102,8 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
         if isinstance(config, str) and "/" not in config and not Path(config).expanduser().exists():
             raise ValueError(f"config {config!r} is neither a folder nor a built-in name "
                              f"({', '.join(original_layout.CONFIG_NAMES)})")
-        configs = configs_from_folder(resolve_path(config) if isinstance(config, str) else config)
+        config_folder = resolve_path(config)
+        configs = configs_from_folder(config_folder)
         if prediction_type is not None:
             configs = dataclasses.replace(configs, scheduler={**configs.scheduler, "prediction_type": prediction_type})
     configs = _override(configs, upcast_attention=upcast_attention, image_size=image_size)
@@ -106,7 +112,16 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
     if unused:
         shown = ", ".join(unused[:8]) + (f" ... (+{len(unused) - 8} more)" if len(unused) > 8 else "")
         raise ValueError(f"{path}: {len(unused)} keys belong to no part of a {detected.family} checkpoint: {shown}")
-    return SingleFileSource(path, configs, views, detected)
+    return SingleFileSource(path, configs, views, detected, config_folder)
+
+
+def _global_step(path: Path) -> int | None:
+    """A Lightning checkpoint's `global_step` (diffusers tells SD 2.x 512-base files by it), else None."""
+    if formats.detect_format(path) != "torch-zip":
+        return None
+    tree = formats.read_pickle_tree(path)
+    step = tree.get("global_step") if isinstance(tree, dict) else None
+    return int(step) if isinstance(step, int) or (hasattr(step, "dtype") and getattr(step, "ndim", 1) == 0) else None
 
 
 def _override(configs, *, upcast_attention, image_size):
@@ -159,6 +174,8 @@ def convert(path, out_dir, **options) -> Path:
             # one component at a time in memory (views are lazy: nothing else is read)
             save_file({k: np.ascontiguousarray(view[k]) for k in view}, str(tmp / part / WEIGHT_FILES[part]),
                       metadata={"format": "pt"})
+            if not part.startswith("text_encoder"):
+                continue
             tokenizer = part.replace("text_encoder", "tokenizer")
             (tmp / tokenizer).mkdir()
             for name in ("vocab.json", "merges.txt"):
