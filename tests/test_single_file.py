@@ -23,7 +23,7 @@ import sdjax  # noqa: E402
 from sdjax import samplers  # noqa: E402
 from sdjax.loading import CheckpointMismatchError  # noqa: E402
 
-from pipeline_fixtures import box_mask, pil_image, quick_compiles, smooth_image  # noqa: E402
+from pipeline_fixtures import box_mask, quick_compiles, smooth_image  # noqa: E402
 from single_file_fixtures import config_only, write_single_files  # noqa: E402
 
 H, W = 32, 32
