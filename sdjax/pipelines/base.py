@@ -55,7 +55,7 @@ class PromptInputs:
 def check_number(value, name: str, *, low=None, high=None, integer=False, low_open=False, high_open=False):
     """`value` as a float (int if integer) after checking it is a finite number in range; ValueError (one line)
     naming `name` otherwise. NaN and infinities are refused: NaN guidance would silently turn guidance off."""
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a finite number"
     ok_types = (int, np.integer) if integer else (int, float, np.integer, np.floating)
     if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
