@@ -88,11 +88,11 @@ class _Compiled(Exception):
 
 def compile_call(pipe, **call):
     """Lower and compile the program `pipe(**call)` would run, without running it -> (compiled, seconds)."""
-    real = pipe._program
+    real = pipe.program
     got = {}
 
-    def spy(plan, sampler):
-        program = real(plan, sampler)
+    def spy(plan):
+        program = real(plan)
 
         def stop(*args):
             t0 = time.perf_counter()
@@ -106,13 +106,13 @@ def compile_call(pipe, **call):
 
         return stop
 
-    pipe._program = spy
+    pipe.program = spy
     try:
         pipe(**call)
     except _Compiled:
         pass
     finally:
-        del pipe._program
+        del pipe.program
     return got
 
 
@@ -144,7 +144,7 @@ def measure_variant(name: str) -> dict:
     pipe.enable_attention_chunking(chunk)
     pipe.enable_vae_tiling(tile is not None, tile_size=tile)
     params = {k: tree_bytes(nnx.state(m)) for k, m in
-              (*pipe._text_encoders().items(), ("unet", pipe.unet), ("vae", pipe.vae))}
+              (*pipe.text_encoders().items(), ("unet", pipe.unet), ("vae", pipe.vae))}
     call = dict(prompt="an astronaut riding a horse", negative_prompt="blurry", num_inference_steps=STEPS,
                 guidance_scale=5.0, sampler="euler", output_type="np", seed=0)
     if model == "base":
@@ -175,14 +175,14 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\
 
 
 def live_analysis(dump: Path) -> dict:
-    """Peak of the sum of live buffers over XLA's schedule of the `_generate` program, from its dumped live ranges:
+    """Peak of the sum of live buffers over XLA's schedule of the `generate` program, from its dumped live ranges:
     all buffers (this reproduces memory_analysis' arguments + temporaries + outputs, a check of the reading), and
     without the float32 copies XLA:CPU makes of bfloat16 weights (its convolutions and matmuls run in float32; an
     accelerator with bfloat16 units makes no such copies). Plus the largest non-weight buffers live at that peak."""
     import numpy as np
 
-    hlo = next(dump.glob("*jit__generate.cpu_after_optimizations.txt")).read_text()
-    ranges_text = next(dump.glob("*jit__generate.cpu_after_optimizations-live-range.txt")).read_text()
+    hlo = next(dump.glob("*jit_generate.cpu_after_optimizations.txt")).read_text()
+    ranges_text = next(dump.glob("*jit_generate.cpu_after_optimizations-live-range.txt")).read_text()
     shapes = {m.group(1): (m.group(2), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(hlo)}
     entry = hlo[hlo.index("\nENTRY"):]
     entry = entry[:entry.index("\n}\n")]
@@ -303,7 +303,7 @@ def _child(what: str, arg: str, analyse: bool = False, xla_flags: str = "") -> d
     with tempfile.TemporaryDirectory(prefix="sdxl-memory-") as dump:
         if analyse:
             env["SDXL_MEMORY_DUMP"] = dump
-            flags.append(f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*_generate.*")
+            flags.append(f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*jit_generate.*")
         env["XLA_FLAGS"] = " ".join(f for f in flags if f)
         r = subprocess.run([sys.executable, __file__, f"--{what}-one", arg], env=env, capture_output=True, text=True)
     if r.returncode:

@@ -69,10 +69,10 @@ def measure(name: str) -> dict:
     if vae_tile:
         pipe.enable_vae_tiling(True, tile_size=vae_tile)
     got = {}
-    real = pipe._program
+    real = pipe.program
 
-    def spy(plan, sampler):  # compile the program the call would run, then stop before running it
-        program = real(plan, sampler)
+    def spy(plan):  # compile the program the call would run, then stop before running it
+        program = real(plan)
 
         def stop(*args):
             t0 = time.perf_counter()
@@ -82,7 +82,7 @@ def measure(name: str) -> dict:
 
         return stop
 
-    pipe._program = spy
+    pipe.program = spy
     try:
         pipe("a photo of a cat", np.full((side, side, 3), 0.5, np.float32), num_inference_steps=75,
              guidance_scale=9.0, output_type="np")
