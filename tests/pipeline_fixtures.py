@@ -180,6 +180,56 @@ def build_sdxl(folder: Path, *, refiner: bool = False, seed: int = 0) -> Path:
     return Path(folder)
 
 
+# as stabilityai/stable-diffusion-x4-upscaler: v-prediction DDIM, DDPM low-res noising
+UPSCALER_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                 prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                 clip_sample=False)
+LOW_RES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                         clip_sample=False, variance_type="fixed_small")
+
+
+def build_upscaler(folder: Path, seed: int = 0) -> Path:
+    """A tiny random x4 upscaler folder: 7-channel UNet with noise-level class embeddings and cross-attention-only
+    blocks, factor-4 VAE (scaling factor 0.08333), tiny CLIP text encoder, DDIM + DDPM low-res scheduler."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=16, in_channels=7, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=(True, True, False), num_class_embeds=1000, attention_head_dim=8,
+        cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, sample_size=32, scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+    ))
+    # wide random weights, norm gains near 1: every input (text, low-res image, noise level) visibly matters
+    for module, std in ((unet, 0.05), (vae, 0.1), (text_encoder, 0.1)):
+        for name, p in module.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.data.normal_(1.0, 0.1)
+            else:
+                p.data.normal_(0.0, std)
+    pipe = diffusers.StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
+        low_res_scheduler=DDPMScheduler(**LOW_RES_SCHEDULER), scheduler=DDIMScheduler(**UPSCALER_SCHEDULER),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 class NoiseQueue:
     """Replaces diffusers' randn_tensor: returns the queued arrays (NHWC numpy -> NCHW torch) in order."""
 

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 
 from sdjax import original_layout as ol
 
-from pipeline_fixtures import TOKENIZER_DIR, build_pipeline, build_sdxl
+import pipeline_fixtures
+from pipeline_fixtures import build_pipeline, build_sdxl
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,37 +220,8 @@ def sd2_text_encoder(folder: Path, seed: int = 1):
 
 
 def build_upscaler(folder: Path, seed: int = 0) -> Path:
-    """A tiny random x4 upscaler folder (7-channel UNet with the noise-level class embedding)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=16, in_channels=7, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        only_cross_attention=(True, True, False), num_class_embeds=1000, attention_head_dim=8,
-        cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, sample_size=32, scaling_factor=0.08333)
-    for module in (unet, vae):
-        for p in module.parameters():
-            p.data.normal_(0.0, 0.05)
-    configs = ol.builtin_configs("x4-upscaler")
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    import diffusers
-
-    pipe = diffusers.StableDiffusionUpscalePipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                                           num_attention_heads=4)),
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
-        low_res_scheduler=DDPMScheduler.from_config(configs.low_res_scheduler),
-        scheduler=DDIMScheduler.from_config(configs.scheduler), max_noise_level=350)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    """The tiny x4 upscaler of pipeline_fixtures with an SD2-style (23-block OpenCLIP) text encoder, as the real one."""
+    pipeline_fixtures.build_upscaler(folder, seed)
     sd2_text_encoder(folder)
     return Path(folder)
 
