@@ -215,7 +215,8 @@ def load_refiner(s: dict, base, precision: str):
                          "(no text_encoder_2)")
     refiner, _, _ = load_pipeline(dict(precision=precision, refiner=s["refiner"]), key="refiner", mesh=base.mesh)
     if not isinstance(refiner, StableDiffusionXLPipeline):
-        raise UsageError(f"--refiner {s['refiner']}: not an SDXL pipeline")
+        raise UsageError(f"--refiner {s['refiner']}: cannot load an SDXL pipeline from it (it is a "
+                         f"{type(refiner).__name__})")
     if (refiner.vae_scale_factor, refiner.latent_channels) != (base.vae_scale_factor, base.latent_channels):
         raise UsageError(f"--refiner {s['refiner']}: its VAE latents differ from the base's; they cannot be handed "
                          "over")

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from sdjax import cli
+from sdjax.app import mesh_devices
 from sdjax.samplers import SAMPLERS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -32,7 +33,7 @@ def test_config_parses(path):
     else:
         assert int(s["H"]) % 8 == 0 and int(s["W"]) % 8 == 0
     assert s["precision"] in ("full", "autocast")
-    assert cli.mesh_devices(s["mesh"])  # every device by default
+    assert mesh_devices(s["mesh"])  # every device by default
     if "refiner" in raw:  # the SDXL base -> refiner hand-off
         assert 0.0 < s["high_noise_frac"] < 1.0 and int(s.get("refiner_steps") or s["ddim_steps"]) >= 1
 

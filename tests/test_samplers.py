@@ -270,6 +270,7 @@ def test_jit_fori_loop_parity(name, config, noise_feed):
     model = FakeModel(diffusers_scheduler(name, config, n), config["prediction_type"], sp.num_calls)
 
     traces = []
+    calls = sp.num_calls  # a Python int here; inside the jit the sampler's counts are traced values
 
     @jax.jit
     def loop(sp, x, start, noises):
@@ -281,7 +282,7 @@ def test_jit_fori_loop_parity(name, config, noise_feed):
             x, state = sp.step(state, out, i, x, noise=noises[i])
             return x, state, xs.at[i].set(x)
 
-        xs = jnp.zeros((sp.num_calls, *x.shape), jnp.float32)
+        xs = jnp.zeros((calls, *x.shape), jnp.float32)
         return jax.lax.fori_loop(start, sp.num_calls, body, (x, sp.init_state(x, start), xs))[2]
 
     for start in (0, sp.index_for_strength(0.6)):  # one compilation serves both starts

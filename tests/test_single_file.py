@@ -37,10 +37,10 @@ _quick = pytest.fixture(scope="module", autouse=True)(quick_compiles)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """family -> (folder, file): SD1 .safetensors, SD2 as a Lightning-style .ckpt (torch.save), SDXL, SD1
-    inpainting; plus "sd1-fp16", the SD1 file in float16."""
+    """family -> (folder, file): SD1 .safetensors, SD2 as a Lightning-style .ckpt (torch.save), SDXL base and
+    refiner, SD1 inpainting; plus "sd1-fp16", the SD1 file in float16."""
     root = tmp_path_factory.mktemp("single_files")
-    made = write_single_files(root, ("sd1", "sd2", "sdxl", "sd1-inpainting"))
+    made = write_single_files(root, ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd1-inpainting"))
     out = {family: (folder, path) for family, (folder, path, _) in made.items()}
     from safetensors.numpy import load_file, save_file
 
@@ -110,6 +110,18 @@ def test_sdxl_file_matches_the_folder_and_diffusers(files, tmp_path):
     theirs = ref(PROMPTS, height=H, width=W, num_inference_steps=3, guidance_scale=5.0,
                  latents=torch.from_numpy(latents().transpose(0, 3, 1, 2)), output_type="np").images
     assert np.abs(ours - theirs).max() <= TOL_DIFFUSERS
+
+
+def test_sdxl_refiner_file_gives_the_folders_images(files):
+    folder, path = files["sdxl-refiner"]
+    pipe = sdjax.StableDiffusionPipeline.from_single_file(path, config=folder)
+    assert isinstance(pipe, sdjax.StableDiffusionXLPipeline) and pipe.text_encoder is None
+    assert pipe.requires_aesthetics_score
+    kw = dict(image=latents(3), strength=0.5, num_inference_steps=4, guidance_scale=5.0, sampler="euler",
+              output_type="np")
+    ours = pipe(PROMPTS, **kw).images
+    same = sdjax.StableDiffusionPipeline.from_pretrained(folder)(PROMPTS, **kw).images
+    assert np.abs(ours - same).max() <= TOL_SAME
 
 
 def test_options_and_detection(files, capsys):
