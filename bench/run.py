@@ -2,6 +2,7 @@
 
     python bench/run.py --rows unet256,text,load --rounds 3 --repeats 3     # some rows
     python bench/run.py                                                      # every row (slow: 512² rows)
+    python bench/run.py --rows load_single_safetensors,load_single_ckpt --rounds 3 --repeats 1 --cache /tmp/b
 
 Every measurement runs in its own process (so its peak memory is its own), and the processes alternate between
 sdjax and PyTorch: round 1 sdjax, round 1 PyTorch, round 2 sdjax, ... (`--rounds`). Inside a process a row makes
@@ -12,7 +13,9 @@ machine wall time swings with the load, CPU time much less).
 Results are kept per row in bench/results.json (a later run replaces only the rows it measures) and rendered into
 docs/benchmarks.md between the `results` markers; the rest of that file is left as it is.
 
-The SD 1.5 folder (real configs, random weights, diffusers layout) is written once under --cache.
+The SD 1.5 folder (real configs, random weights, diffusers layout) is written once under --cache; the single-file
+rows also write its weights in fp16 once as a diffusers folder, as an original-layout (CompVis) `.safetensors` and as
+a `.ckpt` (`torch.save({"state_dict": ...})`), about 2 GB each, with the tested writer of tests/single_file_fixtures.py.
 """
 from __future__ import annotations
 
@@ -51,7 +54,15 @@ ROWS = {
     "load_unet": ("from_pretrained, SD1.5 UNet (3.4 GB fp32), file in page cache", dict(cache="warm")),
     "load_cold": ("from_pretrained, whole SD1.5 pipeline folder, files evicted from page cache", dict(cache="cold")),
     "compile": ("compile the UNet 256² CFG step: cold vs a second process with the persistent cache", dict(res=256)),
+    "load_single_safetensors": ("whole SD1.5 pipeline from one fp16 original-layout .safetensors (2.1 GB) into fp32, "
+                                "file in page cache", dict(cache="warm", file="safetensors")),
+    "load_single_ckpt": ("whole SD1.5 pipeline from one fp16 .ckpt (torch.save, 2.1 GB) into fp32, file in page cache",
+                         dict(cache="warm", file="ckpt")),
 }
+# The single-file rows run three processes a round: sdjax's from_single_file, sdjax's from_pretrained of the same
+# fp16 weights as a diffusers folder (the target: a file costs no more than the folder), diffusers' from_single_file.
+SINGLE_FILE_ROWS = ("load_single_safetensors", "load_single_ckpt")
+SINGLE_FILE_FRAMEWORKS = ("sdjax", "sdjax_folder", "torch")
 
 
 def sd15_folder(cache: Path) -> Path:
@@ -76,11 +87,55 @@ def sd15_folder(cache: Path) -> Path:
     return folder
 
 
+def sd15_single_files(cache: Path, folder: Path) -> dict[str, Path]:
+    """Write (once) the weights of the SD 1.5 `folder` cast to fp16, three ways: `folder16` a diffusers folder,
+    `safetensors` one original-layout (CompVis) file, `ckpt` the same tensors saved by `torch.save({"state_dict":
+    ...})`; and `config`, the folder's configs and tokenizer without weights (`config=` of from_single_file: diffusers
+    cannot fall back to a folder's weights there)."""
+    paths = dict(folder16=cache / "sd15-random-fp16", config=cache / "sd15-random-config",
+                 safetensors=cache / "sd15-random-fp16.safetensors", ckpt=cache / "sd15-random-fp16.ckpt")
+    if all(p.exists() for p in paths.values()):
+        return paths
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the writer the single-file tests trust (diffusers reads it back)
+    from single_file_fixtures import WEIGHT_FILES, config_only, folder_weights, original_state
+
+    parts = {part: {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in sd.items()}
+             for part, sd in folder_weights(folder, ("unet", "vae", "text_encoder")).items()}
+    config_only(folder, paths["config"])
+    if not paths["folder16"].exists():
+        tmp = cache / "sd15-random-fp16.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        config_only(folder, tmp)
+        for part, sd in parts.items():
+            save_file(sd, str(tmp / part / WEIGHT_FILES[part]), metadata={"format": "pt"})
+        os.rename(tmp, paths["folder16"])
+    # SD1.5 has 2 resnets per UNet level; the DDPM schedule buffers the original files carry are random here
+    state = {k: np.ascontiguousarray(v) for k, v in
+             original_state("sd1", parts, layers_per_block=2, rng=np.random.default_rng(0)).items()}
+    del parts
+    for kind, write in (("safetensors", lambda p: save_file(state, str(p))),
+                        ("ckpt", lambda p: torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in
+                                                                      state.items()}}, p))):
+        if not paths[kind].exists():
+            tmp = paths[kind].with_suffix(".tmp")
+            write(tmp)
+            os.rename(tmp, paths[kind])
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Page cache: the load rows warm (or evict) the weight files before each process, and say how much was resident
 
 
-def _weight_files(folder: Path, row: str) -> list[Path]:
+def _weight_files(folder: Path, row: str, kw: dict | None = None, framework: str = "") -> list[Path]:
+    if row in SINGLE_FILE_ROWS:
+        if framework == "sdjax_folder":
+            return sorted(Path(kw["folder16"]).glob("*/*.safetensors"))
+        return [Path(kw[kw["file"]])]
     files = sorted(folder.glob("*/*.safetensors"))
     return [f for f in files if f.parent.name == "unet"] if row == "load_unet" else files
 
@@ -145,9 +200,17 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def measure(row: str, framework: str, folder: Path, repeats: int, kw: dict) -> dict:
-    if framework == "sdjax":
-        out = _measure_sdjax(row, kw, folder, repeats)
+    if framework.startswith("sdjax"):
+        out = _measure_sdjax(row, kw, folder, repeats, framework)
     else:
         out = _measure_torch(row, kw, folder, repeats)
     out.update(row=row, framework=framework, peak_rss_mb=round(_peak_rss_mb()))
@@ -155,12 +218,14 @@ def measure(row: str, framework: str, folder: Path, repeats: int, kw: dict) -> d
 
 
 def _once(fn) -> dict:
+    rss = _rss_mb()  # after the imports: what the load itself adds is peak - this
     c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return dict(walls=[time.perf_counter() - t0], cpus=[time.process_time() - c0])
+    return dict(walls=[time.perf_counter() - t0], cpus=[time.process_time() - c0],
+                rss_before_mb=None if rss is None else round(rss))
 
 
-def _measure_sdjax(row, kw, folder, repeats):
+def _measure_sdjax(row, kw, folder, repeats, framework="sdjax"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -172,6 +237,10 @@ def _measure_sdjax(row, kw, folder, repeats):
     dtype = getattr(jnp, kw.get("dtype", "float32"))
     if row in ("load", "load_cold"):
         return _once(lambda: sdjax.StableDiffusionPipeline.from_pretrained(folder))
+    if row in SINGLE_FILE_ROWS:
+        if framework == "sdjax_folder":
+            return _once(lambda: sdjax.StableDiffusionPipeline.from_pretrained(kw["folder16"]))
+        return _once(lambda: sdjax.StableDiffusionPipeline.from_single_file(kw[kw["file"]], config=kw["config"]))
     if row == "load_unet":
         return _once(lambda: jax.block_until_ready(
             nnx.state(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))))
@@ -251,6 +320,10 @@ def _measure_torch(row, kw, folder, repeats):
                                                                      requires_safety_checker=False))
     if row == "load_unet":
         return _once(lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+    if row in SINGLE_FILE_ROWS:  # float32: the dtype sdjax loads into by default (the file's fp16 is upcast)
+        return _once(lambda: StableDiffusionPipeline.from_single_file(
+            kw[kw["file"]], config=kw["config"], torch_dtype=torch.float32, safety_checker=None,
+            requires_safety_checker=False, local_files_only=True))
     torch.set_grad_enabled(False)
     if row == "txt2img":
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
@@ -310,13 +383,17 @@ def run_process(row, framework, folder, repeats, kw, timeout) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_row(row, folder, rounds, repeats, timeout, overrides) -> dict:
+def run_row(row, folder, rounds, repeats, timeout, overrides, cache: Path | None = None) -> dict:
     desc, kw = ROWS[row]
     kw = dict(kw)
     if row == "txt2img":
         kw.update({k: v for k, v in overrides.items() if v is not None})
         desc = desc.format(**kw)
     frameworks = ("sdjax",) if row == "compile" else ("sdjax", "torch")
+    where = machine()
+    if row in SINGLE_FILE_ROWS:
+        kw.update({k: str(v) for k, v in sd15_single_files(cache or folder.parent, folder).items()})
+        frameworks = SINGLE_FILE_FRAMEWORKS
     runs = {fw: [] for fw in frameworks}
     notes = {}
     cache_dir = tempfile.mkdtemp(prefix="sdjax-bench-cache-") if row in ("compile", "txt2img") else None
@@ -324,7 +401,7 @@ def run_row(row, folder, rounds, repeats, timeout, overrides) -> dict:
         for i in range(rounds if row != "compile" else max(rounds, 2)):
             for fw in frameworks:
                 if row.startswith("load"):
-                    files = _weight_files(folder, row)
+                    files = _weight_files(folder, row, kw, fw)
                     (_evict if kw["cache"] == "cold" else _warm)(files)
                     notes.setdefault("resident", []).append(_resident_fraction(files))
                 pkw = dict(kw, compilation_cache=cache_dir) if cache_dir and fw == "sdjax" else kw
@@ -334,8 +411,12 @@ def run_row(row, folder, rounds, repeats, timeout, overrides) -> dict:
     finally:
         if cache_dir:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    out = dict(description=desc, date=time.strftime("%Y-%m-%d"), machine=machine(), rounds=rounds,
-               repeats=repeats, **notes)
+    end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out = dict(description=desc, date=time.strftime("%Y-%m-%d"), machine=f"{where}, {end:.1f} at its end",
+               rounds=rounds, repeats=repeats, **notes)
+    if row in SINGLE_FILE_ROWS:
+        out["files"] = {k: Path(kw[k]).name for k in ("folder16", "config", kw["file"])}
+        out["bytes"] = os.path.getsize(kw[kw["file"]])
     for fw, rs in runs.items():
         errors = [r["error"] for r in rs if "error" in r]
         if errors:
@@ -352,6 +433,8 @@ def run_row(row, folder, rounds, repeats, timeout, overrides) -> dict:
             res["first_each_round"] = [round(r["first_seconds"], 2) for r in rs]
         if rs[0].get("gflop"):
             res["gflop"] = rs[0]["gflop"]
+        if rs[0].get("rss_before_mb") is not None:
+            res["rss_before_mb"] = max(r["rss_before_mb"] for r in rs)
         if row == "compile":  # round 1 compiles into an empty cache, later rounds read it
             for key in ("lower_seconds", "compile_seconds"):
                 res["cold_" + key] = rs[0][key]
@@ -405,7 +488,7 @@ def render(results: dict) -> str:
     ]
     peak = results.get("matmul", {}).get("jax_gflops")
     for row in ROWS:
-        if row not in results or row == "compile":
+        if row not in results or row == "compile" or row in SINGLE_FILE_ROWS:
             continue
         r = results[row]
         a, b = r.get("sdjax", {}), r.get("torch", {})
@@ -425,6 +508,7 @@ def render(results: dict) -> str:
             f"{_f(a.get('gflop'), '{:.0f}')} | {_rate(a.get('gflop'), a.get('seconds'), peak)} | "
             f"{_rate(a.get('gflop'), b.get('seconds'))} | {where} |"
         )
+    lines += _render_single_file(results)
     if "compile" in results:
         c = results["compile"]
         a = c.get("sdjax", {})
@@ -437,6 +521,38 @@ def render(results: dict) -> str:
                           f"(Python, not cached) {a['cold_lower_seconds']:.2f} s and "
                           f"{a['cached_lower_seconds']:.2f} s."]
     return "\n".join(lines)
+
+
+def _render_single_file(results: dict) -> list[str]:
+    rows = [row for row in SINGLE_FILE_ROWS if row in results]
+    if not rows:
+        return []
+    lines = ["", "Single-file loading: sdjax's and diffusers' `from_single_file(FILE, config=FOLDER)` (FOLDER: "
+             "the diffusers folder's configs and tokenizer without weights), and sdjax's `from_pretrained` of the "
+             "same fp16 weights as a diffusers folder; diffusers with `torch_dtype=torch.float32`: every side ends "
+             "with fp32 parameters. RSS before = the process after its imports, before the load.", "",
+             "| measurement | sdjax file s | sdjax folder s | diffusers file s | sdjax file / folder | "
+             "sdjax file / diffusers | CPU s: sdjax file, folder, diffusers | peak RSS MB: sdjax file, folder, "
+             "diffusers | RSS before MB: sdjax file, folder, diffusers | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = results[row]
+        sides = [r.get(fw, {}) for fw in SINGLE_FILE_FRAMEWORKS]
+        errors = [s["error"] for s in sides if "error" in s]
+        if errors:
+            lines.append(f"| {r['description']} | error: {errors[0]} |" + " |" * 8)
+            continue
+        a, f, b = (s.get("seconds") for s in sides)
+        where = f"{r['date']}; {r['machine']}"
+        resident = r.get("resident")
+        if resident and None not in resident:
+            where += f"; page cache {min(resident) * 100:.0f}-{max(resident) * 100:.0f}% resident before loads"
+        trio = lambda key, fmt="{:.2f}": ", ".join(_f(s.get(key), fmt) for s in sides)  # noqa: E731
+        lines.append(
+            f"| {r['description']} | {_f(a)} | {_f(f)} | {_f(b)} | {_f(a / f if a and f else None)} | "
+            f"{_f(a / b if a and b else None)} | {trio('cpu_seconds')} | {trio('peak_rss_mb', '{:.0f}')} | "
+            f"{trio('rss_before_mb', '{:.0f}')} | {where} |")
+    return lines
 
 
 def _rate(gflop: float | None, seconds: float | None, peak: float | None = None) -> str:
@@ -490,7 +606,7 @@ def main():
         if row == "matmul":
             results["matmul"] = dict(date=time.strftime("%Y-%m-%d"), machine=machine(), **matmul_peak())
         else:
-            results[row] = run_row(row, folder, args.rounds, args.repeats, args.timeout, overrides)
+            results[row] = run_row(row, folder, args.rounds, args.repeats, args.timeout, overrides, Path(args.cache))
         results_file.write_text(json.dumps(results, indent=1) + "\n")
         write_doc(results, Path(args.out))
     write_doc(results, Path(args.out))

@@ -268,17 +268,27 @@ class SafetensorsFile:
             return np.zeros(shape, dtype)
         return np.frombuffer(self.map, dtype, math.prod(shape), begin).reshape(shape)
 
+    def record_offset(self, key: str) -> int:
+        """Where the bytes of tensor `key` start in the file."""
+        return self.entries[key][2]
+
     def release(self, key: str) -> None:
         """Drop the pages of `key` from this process's resident set (the OS page cache keeps them)."""
         _, _, begin, end = self.entries[key]
-        if self.map is None or end == begin or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        lo = begin // page * page
-        try:
-            self.map.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-        except OSError:  # only a memory hint
-            pass
+        _release(self.map, begin, end)
+
+
+def _release(map_: mmap.mmap | None, begin: int, end: int) -> None:
+    """Drop bytes [begin, end) of a read-only file map from the resident set: the next access reads them again from
+    the page cache. A memory hint only; does nothing where the platform has no MADV_DONTNEED."""
+    if map_ is None or end <= begin or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo = begin // page * page
+    try:
+        map_.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+    except (OSError, ValueError):
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,6 +315,12 @@ class _Storage(_Immutable):
 
     def read(self) -> np.ndarray:
         return self.source.record(self.name)[:self.nbytes]
+
+    def offset(self) -> int:
+        return self.source.record_offset(self.name)
+
+    def release(self) -> None:
+        self.source.release(self.name)
 
     def __repr__(self):
         return f"storage {self.name} ({self.nbytes} bytes)"
@@ -418,6 +434,18 @@ class StateDict(Mapping[str, np.ndarray]):
     def dtype(self, key: str) -> np.dtype:
         return self._refs[key].dtype
 
+    def offset(self, key: str) -> tuple:
+        """Where `key`'s data lies in the file, as a sort key: reading tensors in this order reads the file once
+        front to back."""
+        ref = self._refs[key]
+        return id(ref.storage.source), ref.storage.offset(), ref.offset
+
+    def release(self, key: str) -> None:
+        """Drop the file pages of `key`'s record from this process's resident set once it is copied (the page cache
+        keeps them): a loader that releases each tensor after use never holds the mapped file besides its copy.
+        Tensors sharing the record read it again from the page cache."""
+        self._refs[key].storage.release()
+
     def __repr__(self):
         return f"StateDict({self.path}, {len(self)} tensors)"
 
@@ -496,6 +524,22 @@ class _Archive:
         if start + info.file_size > self.size:
             raise CheckpointFormatError(f"record {info.filename}: {info.file_size} bytes run past the end of the file")
         return start
+
+    def _stored(self, name: str) -> bool:
+        info = self.infos[name]
+        return (not info.flag_bits & 0x1 and info.compress_type == zipfile.ZIP_STORED
+                and info.compress_size == info.file_size)
+
+    def record_offset(self, name: str) -> int:
+        """Where record `name` starts in the file (its local header: the records' order in the file)."""
+        return self.infos[name].header_offset
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a STORED record from this process's resident set (a decompressed record is a
+        copy the caller owns: nothing to drop)."""
+        if name in self._starts and self._stored(name):
+            start = self._starts[name]
+            _release(self.map, start, start + self.infos[name].file_size)
 
     def record(self, name: str) -> np.ndarray:
         """The bytes of record `name`: a read-only view into the map if STORED, else decompressed (and CRC-checked)."""

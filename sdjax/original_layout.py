@@ -32,9 +32,11 @@ prefix, as in every SD text_encoder folder (sdjax's CLIP loaders also read the b
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -272,12 +274,21 @@ def _source_shape(source: Mapping[str, np.ndarray], key: str) -> tuple:
 
 class ComponentView(Mapping[str, np.ndarray]):
     """{diffusers name: array} over a source mapping in the original layout; arrays are made on access (views of
-    the source where numpy allows), `shape(key)` reads only the source's shape."""
+    the source where numpy allows), `shape(key)` reads only the source's shape.
+
+    `offset(key)` and `release(key)` pass the source's (`sdjax.formats.StateDict`: file offsets, and dropping a
+    tensor's mapped pages once it is copied) so that a loader reads the file front to back and never holds the mapped
+    file besides its copy; over a plain dict they give the table's order and do nothing."""
 
     def __init__(self, name: str, source: Mapping[str, np.ndarray], table: Mapping[str, Ref]):
         self.name = name
         self._source = source
         self._table = dict(table)
+        self._order = {key: i for i, key in enumerate(self._table)}
+        # a source key read by several targets (OpenCLIP's fused q/k/v) is released after the last of them
+        self._uses = collections.Counter(ref.key for ref in self._table.values())
+        self._pending = dict(self._uses)
+        self._lock = threading.Lock()
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._table[key].read(self._source)
@@ -291,6 +302,23 @@ class ComponentView(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple:
         ref = self._table[key]
         return ref.shape(_source_shape(self._source, ref.key))
+
+    def offset(self, key: str) -> tuple:
+        where = getattr(self._source, "offset", None)
+        return tuple(where(self._table[key].key)) if callable(where) else (0, self._order[key])
+
+    def release(self, key: str) -> None:
+        release = getattr(self._source, "release", None)
+        if not callable(release):
+            return
+        source_key = self._table[key].key
+        with self._lock:  # loaders call this from several threads
+            self._pending[source_key] -= 1
+            last = self._pending[source_key] <= 0
+            if last:
+                self._pending[source_key] = self._uses[source_key]  # a later load releases again
+        if last:
+            release(source_key)
 
     def ref(self, key: str) -> Ref:
         return self._table[key]

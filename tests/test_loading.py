@@ -54,6 +54,31 @@ def test_load_transposes_and_casts_exactly(tmp_path, file_dtype, param_dtype):
         np.testing.assert_array_equal(got, expect[tuple(path)].astype(want), err_msg=str(path))
 
 
+class Net1x1(nnx.Module):
+    def __init__(self, *, rngs):
+        self.conv = nnx.Conv(40, 37, (1, 1), rngs=rngs)
+        self.proj = nnx.Linear(37, 41, rngs=rngs)
+
+
+@pytest.mark.parametrize("file_dtype", [np.float32, np.float16])
+def test_1x1_convs_saved_as_linear_and_back_cast_exactly(file_dtype):
+    """Old VAE attention weights: a 1x1 conv stored as (out, in), a linear stored as (out, in, 1, 1); the strip-wise
+    cast keeps the same mapping (remainders of the 16-row strips)."""
+    rng = np.random.default_rng(1)
+    tensors = {"conv.weight": rng.standard_normal((37, 40)).astype(file_dtype),
+               "conv.bias": rng.standard_normal((37,)).astype(file_dtype),
+               "proj.weight": rng.standard_normal((41, 37, 1, 1)).astype(file_dtype),
+               "proj.bias": rng.standard_normal((41,)).astype(file_dtype)}
+    model = nnx.eval_shape(lambda: Net1x1(rngs=nnx.Rngs(0)))
+    loading.load_state(model, tensors, param_dtype=jnp.float32)
+    expect = {("conv", "kernel"): tensors["conv.weight"].T[None, None], ("conv", "bias"): tensors["conv.bias"],
+              ("proj", "kernel"): tensors["proj.weight"][:, :, 0, 0].T, ("proj", "bias"): tensors["proj.bias"]}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        got = np.asarray(value.get_value())
+        assert got.dtype == np.float32 and got.flags.c_contiguous, path
+        np.testing.assert_array_equal(got, expect[tuple(path)].astype(np.float32), err_msg=str(path))
+
+
 def test_checkpoint_views_and_shapes_come_from_the_header(tmp_path):
     tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros((0, 4), np.float16),
                "c": np.array(3, np.int64)}

@@ -169,6 +169,72 @@ def test_views_are_lazy(tiny):
     assert np.shares_memory(q, fused)  # a slice of the source, not a copy
 
 
+class ReleaseSpy(Mapping):
+    """A `formats.StateDict` that records which keys its loader releases."""
+
+    def __init__(self, state):
+        self.state, self.released = state, []
+
+    def __getitem__(self, key):
+        return self.state[key]
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+    def shape(self, key):
+        return self.state.shape(key)
+
+    def offset(self, key):
+        return self.state.offset(key)
+
+    def release(self, key):
+        self.released.append(key)
+        self.state.release(key)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
+def test_views_load_in_file_order_and_release_each_tensor(tiny, kind, tmp_path):
+    """Loading from a single file reads it front to back and drops each tensor's mapped pages after its copy (once per
+    source tensor, also for OpenCLIP's fused q/k/v that three parameters read): the process never holds the mapped
+    file besides the parameters, as with a folder. Released tensors read the same again."""
+    import json
+
+    from sdjax import formats, loading
+    from sdjax.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
+
+    folder, path, weights = tiny["sdxl"]
+    if kind == "ckpt":
+        arrays = load_file(str(path))
+        path = tmp_path / "sdxl.ckpt"
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in arrays.items()}}, path)
+    spy = ReleaseSpy(formats.read_state_dict(path))
+    parts = ol.components(spy, ol.detect(ol.shapes(spy))).views()
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}
+    for part, view in parts.items():
+        order = sorted(view, key=view.offset)
+        starts = [spy.state.ref(view.ref(k).key).storage.offset() for k in order]
+        assert starts == sorted(starts) and len(set(starts)) == len(view.source_keys())
+        spy.released.clear()
+        cls = classes[part]
+        model = cls.abstract(json.loads((folder / part / "config.json").read_text()))
+        loading.load_state(model, view, renames=cls.checkpoint_key_renames, ignored=cls.ignored_checkpoint_keys,
+                           name=f"{kind} {part}")
+        assert sorted(spy.released) == sorted(view.source_keys()), part
+        want = text_model_names(weights[part]) if part.startswith("text_encoder") else weights[part]
+        assert_same(view, want, f"{kind} {part} after release")
+    assert any(ref.op == ol.THIRD for ref in (parts["text_encoder_2"].ref(k) for k in parts["text_encoder_2"]))
+
+
+def test_views_over_a_plain_dict_keep_table_order():
+    view = ol.ComponentView("x", {"b": np.zeros(2), "a": np.ones(3)}, {"n1": ol.Ref("b"), "n0": ol.Ref("a")})
+    assert sorted(view, key=view.offset) == ["n1", "n0"]
+    view.release("n1")  # the source has no pages to drop: nothing happens
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Real-size layouts, shape only
 
