@@ -335,9 +335,15 @@ def test_bfloat16_inputs_step_in_float32(name):
 def test_sampler_is_a_pytree():
     sp = make_sampler("unipc", SD1_FILE, 8)
     leaves, treedef = jax.tree_util.tree_flatten(sp)
-    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    # tables are arrays; the counts (num_calls, ...) are data too, Python numbers until they are padded
+    assert all(isinstance(leaf, (jax.Array, int, float)) for leaf in leaves)
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert back.name == "unipc" and back.num_calls == 8 and back.tables.keys() == sp.tables.keys()
+    # padded to a bucket, samplers of different step counts have one tree structure (one compiled program)
+    padded = [make_sampler("unipc", SD1_FILE, n).padded(16) for n in (8, 11)]
+    assert all(isinstance(leaf, (np.ndarray, np.generic)) for leaf in jax.tree_util.tree_leaves(padded))
+    assert jax.tree_util.tree_structure(padded[0]) == jax.tree_util.tree_structure(padded[1])
+    assert padded[1].num_calls == 11 and padded[1].timesteps.shape == (16,)
 
 
 # ---------------------------------------------------------------------------------------------------------------
