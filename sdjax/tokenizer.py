@@ -125,6 +125,15 @@ class Tokenizer:
         tokens = self.encode(prompts, max_length)
         return tokens.input_ids, tokens.attention_mask
 
+    def bpe(self, texts: list[str]) -> list[list[int]]:
+        """The BPE ids of each text, without BOS/EOS, padding or truncation (`sdjax.prompts` makes the chunks)."""
+        return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False, truncation=False,
+                                             verbose=False)["input_ids"]]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. ",</w>"), or None."""
+        return self.hf.get_vocab().get(token)
+
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
