@@ -163,9 +163,9 @@ def chunk_bucket(n: int) -> int:
     return n if n <= 4 else -(-n // 4) * 4
 
 
-def pad_chunks(tokenizer, prompts: list[PromptChunks], k: int, counts=None) -> tuple[np.ndarray, np.ndarray]:
+def pad_chunks(tokenizer, prompts: list[PromptChunks], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, weights), each (B, k, 77): every prompt filled up to k chunks with empty chunks (BOS, EOS, padding)
-    of weight 1. counts: the chunks to keep of each (default all)."""
+    of weight 1."""
     empty = _finish(tokenizer, [([], [])])
     ids = np.repeat(empty.ids[None], len(prompts), axis=0).repeat(k, axis=1)
     weights = np.ones(ids.shape, np.float32)
@@ -181,5 +181,31 @@ def context_mask(counts, k: int) -> np.ndarray:
     return np.repeat(np.arange(k)[None, :] < counts[:, None], LENGTH, axis=1)
 
 
+def text_inputs(groups: dict, prompt_syntax: str = "plain", emphasis: str = "original") -> tuple[dict, tuple]:
+    """A family's host arrays for one call. groups: prefix ("" for the prompts, "neg_" for the negatives) -> one
+    (tokenizer, texts) per text encoder j. Returns (arrays, static):
+    `{prefix}ids_{j}` (B, k, 77) int32; with "a1111", `{prefix}weights_{j}` (B, k, 77) float32; when k > 1,
+    `{prefix}mask` (B, 77 k) bool (a prompt's real chunks: the most any of its encoders' texts needs).
+    k = chunk_bucket of the longest text in the call, so that prompts and negatives line up. static:
+    (("chunks", k), ("emphasis", emphasis or None for plain)), the part of the program's plan the text fixes."""
+    check_syntax(prompt_syntax, emphasis)
+    chunked = {prefix: [(t, [prompt_chunks(t, text, prompt_syntax) for text in texts]) for t, texts in encoders]
+               for prefix, encoders in groups.items()}
+    counts = {prefix: np.max([[len(c) for c in cs] for _, cs in encoders], axis=0)
+              for prefix, encoders in chunked.items()}
+    k = chunk_bucket(int(max(c.max() for c in counts.values())))
+    arrays = {}
+    for prefix, encoders in chunked.items():
+        for j, (t, cs) in enumerate(encoders):
+            ids, weights = pad_chunks(t, cs, k)
+            arrays[f"{prefix}ids_{j}"] = ids
+            if prompt_syntax == "a1111":
+                arrays[f"{prefix}weights_{j}"] = weights
+        if k > 1:
+            arrays[f"{prefix}mask"] = context_mask(counts[prefix], k)
+    return arrays, (("chunks", k), ("emphasis", emphasis if prompt_syntax == "a1111" else None))
+
+
 __all__ = ["BREAK", "CHUNK", "COMMA_BACKTRACK", "EMPHASES", "LENGTH", "PromptChunks", "SYNTAXES", "check_syntax",
-           "chunk_bucket", "context_mask", "pad_chunks", "parse_attention", "prompt_chunks"]
+           "chunk_bucket", "context_mask", "pad_chunks", "parse_attention", "prompt_chunks",
+           "text_inputs"]

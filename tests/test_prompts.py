@@ -115,3 +115,28 @@ def test_bad_syntax():
         prompts.check_syntax("compel")
     with pytest.raises(ValueError, match="emphasis"):
         prompts.check_syntax("a1111", "sqrt")
+
+
+@pytest.mark.parametrize("path", ["whole", "query_chunk", "cpu_chunks"])
+def test_attention_mask(path, monkeypatch):
+    """A mask of all True is bit-identical to none (existing parity stays exact); masked keys are the same as
+    keys left out, in each of `attention`'s three code paths."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.models import layers
+
+    if path == "cpu_chunks":
+        monkeypatch.setattr(layers, "CPU_SCORES_WHOLE", 1)
+        monkeypatch.setattr(layers, "CPU_SCORES_PER_CHUNK", 16 * 154)  # 3 chunks of 16 queries
+    chunk = 16 if path == "query_chunk" else None
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 40, 8), (2, 154, 8), (2, 154, 8)))
+    run = jax.jit(lambda q, k, v, m: layers.attention(q, k, v, 2, query_chunk=chunk, mask=m))
+    plain = jax.jit(lambda q, k, v: layers.attention(q, k, v, 2, query_chunk=chunk))
+    assert np.array_equal(np.asarray(run(q, k, v, jnp.ones((2, 154), bool))), np.asarray(plain(q, k, v)))
+    mask = jnp.asarray(prompts.context_mask([1, 2], 2))
+    out = np.asarray(run(q, k, v, mask))
+    np.testing.assert_allclose(out[:1], np.asarray(plain(q[:1], k[:1, :77], v[:1, :77])), atol=1e-6)
+    np.testing.assert_allclose(out[1:], np.asarray(plain(q[1:], k[1:], v[1:])), atol=1e-6)
+    assert np.abs(out[:1] - np.asarray(plain(q[:1], k[:1], v[:1]))).max() > 1e-2
