@@ -115,6 +115,15 @@ def _finish(tokenizer, chunks: list[tuple[list, list]]) -> PromptChunks:
     return PromptChunks(ids, weights)
 
 
+def plain_text(text: str, prompt_syntax: str = "plain") -> str:
+    """The words of a prompt without its syntax (a1111: brackets, weights and BREAKs gone; plain: as it is), e.g.
+    for a CLIP reranker, which reads text literally."""
+    if prompt_syntax == "plain":
+        return text
+    parts = [t if (t, w) != BREAK else " " for t, w in parse_attention(text)]
+    return " ".join("".join(parts).split())
+
+
 def prompt_chunks(tokenizer, text: str, prompt_syntax: str = "plain") -> PromptChunks:
     """The chunks of one prompt (see the module docstring). tokenizer: a `sdjax.tokenizer.Tokenizer`."""
     if prompt_syntax == "plain":
@@ -207,5 +216,5 @@ def text_inputs(groups: dict, prompt_syntax: str = "plain", emphasis: str = "ori
 
 
 __all__ = ["BREAK", "CHUNK", "COMMA_BACKTRACK", "EMPHASES", "LENGTH", "PromptChunks", "SYNTAXES", "check_syntax",
-           "chunk_bucket", "context_mask", "pad_chunks", "parse_attention", "prompt_chunks",
+           "chunk_bucket", "context_mask", "pad_chunks", "parse_attention", "plain_text", "prompt_chunks",
            "text_inputs"]

@@ -140,3 +140,8 @@ def test_attention_mask(path, monkeypatch):
     np.testing.assert_allclose(out[:1], np.asarray(plain(q[:1], k[:1, :77], v[:1, :77])), atol=1e-6)
     np.testing.assert_allclose(out[1:], np.asarray(plain(q[1:], k[1:], v[1:])), atol=1e-6)
     assert np.abs(out[:1] - np.asarray(plain(q[:1], k[:1], v[:1]))).max() > 1e-2
+
+
+def test_plain_text():
+    assert prompts.plain_text("a (red:1.3) [[fox]] BREAK \\(1990\\)", "a1111") == "a red fox (1990)"
+    assert prompts.plain_text("a (red:1.3)", "plain") == "a (red:1.3)"
