@@ -19,7 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 import sdjax  # noqa: E402
 
-from pipeline_fixtures import TOKENIZER_DIR, build_pipeline, build_sdxl, nchw  # noqa: E402
+from pipeline_fixtures import (TOKENIZER_DIR, box_mask, build_pipeline, build_sdxl, diffusers_scheduler,  # noqa: E402
+                               nchw, patch_noise, pil_image, sdjax_noise, smooth_image)
+from sdjax.pipelines import noise  # noqa: E402
 
 H, W = 32, 48
 LATENT = (H // 2, W // 2, 4)
@@ -159,6 +161,35 @@ def test_sd_weighted_long_prompts_match_reference(kind, sd_folders):
         assert report(f"{kind} prompt {i}", ours[i:i + 1], theirs) <= TOL
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_sd_img2img_and_inpaint_weighted_long_prompt(mode, sd_folders, monkeypatch):
+    """The same conditioning in the other modes (SD 2, mask blending for inpainting): a 2-chunk prompt and a
+    1-chunk negative."""
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(sd_folders["sd2"])
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_folders["sd2"], safety_checker=None,
+                                                           requires_safety_checker=False)
+    (prompt, fragments), (negative, neg_fragments) = CASES[1], NEGATIVES[2]
+    kw = dict(image=[pil_image(smooth_image(H, W, 1))], strength=0.75, num_inference_steps=STEPS,
+              guidance_scale=5.0, output_type="np")
+    if mode == "inpaint":
+        kw["mask_image"] = [pil_image(box_mask(H, W)).convert("L")]
+    ours = pipe(prompt, negative, sampler="ddim", prompt_syntax="a1111", **kw).images
+    klass = diffusers.StableDiffusionImg2ImgPipeline if mode == "img2img" else diffusers.StableDiffusionInpaintPipeline
+    dp = klass(**ref.components)
+    dp.set_progress_bar_config(disable=True)
+    dp.scheduler = diffusers_scheduler("ddim", ref)
+    cond, _ = ref_embed(ref.text_encoder, ref.tokenizer, fragments)
+    uncond, _ = ref_embed(ref.text_encoder, ref.tokenizer, neg_fragments)
+    cond, uncond = same_length(cond, uncond)
+    queue = [sdjax_noise(1, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(1, LATENT)]
+    if mode == "inpaint":
+        queue.append(sdjax_noise(1, LATENT, noise.STREAM_MASKED_LATENTS))
+    patch_noise(monkeypatch, queue)
+    extra = dict(height=H, width=W) if mode == "inpaint" else {}
+    theirs = dp(prompt_embeds=cond, negative_prompt_embeds=uncond, **kw, **extra).images
+    assert report(f"sd2 {mode}", ours, theirs) <= TOL
+
+
 def test_plain_long_prompt_and_emphasis_none(sd_folders):
     """plain: the text is literal, chunked by 75 tokens without back-tracking; emphasis="none" only multiplies."""
     pipe = sdjax.StableDiffusionPipeline.from_pretrained(sd_folders["sd1"])
@@ -243,3 +274,40 @@ def test_sdxl_weighted_long_prompts_match_reference(sdxl_folder):
         theirs = ref(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
                      negative_pooled_prompt_embeds=neg_pooled, latents=nchw(latents[i:i + 1]), **call).images
         assert report(f"sdxl prompt {i}", ours[i:i + 1], theirs) <= TOL
+
+
+def test_sdxl_long_prompt_zero_negatives(sdxl_folder):
+    """No negative prompt on the SDXL base: zero negative embeddings as long as the prompt's (their padding does
+    not matter: zero keys and values)."""
+    pipe = sdjax.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(4).standard_normal((1, *LATENT)).astype(np.float32)
+    call = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np")
+    prompt, fragments = CASES[1]
+    ours = pipe(prompt, sampler="euler", latents=latents, prompt_syntax="a1111", **call).images
+    a, _ = ref_embed(ref.text_encoder, ref.tokenizer, fragments, layer=-2)
+    b, pooled = ref_embed(ref.text_encoder_2, ref.tokenizer_2, fragments, layer=-2)
+    theirs = ref(prompt_embeds=torch.cat([a, b], dim=-1), pooled_prompt_embeds=pooled, latents=nchw(latents),
+                 **call).images
+    assert report("sdxl zero negatives, 2 chunks", ours, theirs) <= TOL
+
+
+def test_sdxl_refiner_long_weighted_prompt(tmp_path_factory, monkeypatch):
+    """The refiner (text_encoder_2 alone) reads the syntax and the chunks as the base does."""
+    folder = build_sdxl(tmp_path_factory.mktemp("prompt_parity_refiner") / "refiner", refiner=True, seed=1)
+    pipe = sdjax.StableDiffusionXLPipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    (prompt, fragments), (negative, neg_fragments) = CASES[2], NEGATIVES[0]
+    kw = dict(image=[pil_image(smooth_image(H, W, 0))], strength=0.6, num_inference_steps=STEPS,
+              guidance_scale=6.0, output_type="np", aesthetic_score=7.0)
+    ours = pipe(prompt, negative, sampler="euler", prompt_syntax="a1111", **kw).images
+    cond, pooled = ref_embed(ref.text_encoder_2, ref.tokenizer_2, fragments, layer=-2)
+    uncond, neg_pooled = ref_embed(ref.text_encoder_2, ref.tokenizer_2, neg_fragments, layer=-2)
+    cond, uncond = same_length(cond, uncond)
+    ref.scheduler = diffusers_scheduler("euler", ref)
+    patch_noise(monkeypatch, [sdjax_noise(1, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(1, LATENT)])
+    theirs = ref(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+                 negative_pooled_prompt_embeds=neg_pooled, **kw).images
+    assert report("sdxl refiner, 3 chunks", ours, theirs) <= TOL
