@@ -49,7 +49,9 @@ class Tokenizer:
     """`tok(prompts, max_length=77) -> (input_ids, attention_mask)`, both (B, max_length) int32 numpy arrays.
 
     A prompt longer than max_length tokens is cut to max_length - 1 tokens plus EOS, with a warning naming the
-    dropped text; `tok.encode(...)` returns the same arrays plus the per-prompt `truncated` text.
+    dropped text; `tok.encode(...)` returns the same arrays plus the per-prompt `truncated` text. (The CLIP reranker
+    and training captions use this; the pipelines encode prompts of any length in chunks, `sdjax.prompts`, from
+    `bpe`.)
     """
 
     def __init__(self, hf_tokenizer):

@@ -10,6 +10,8 @@ runs each alone.
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import sdjax  # noqa: E402
 
 from pipeline_fixtures import (TOKENIZER_DIR, box_mask, build_pipeline, build_sdxl, diffusers_scheduler,  # noqa: E402
-                               nchw, patch_noise, pil_image, sdjax_noise, smooth_image)
+                               nchw, patch_noise, pil_image, run_on_devices, sdjax_noise, smooth_image)
 from sdjax.pipelines import noise  # noqa: E402
 
 H, W = 32, 48
@@ -242,6 +244,30 @@ def test_batch_does_not_change_an_image(sd_folders):
     # what the padding would do unmasked: the same two empty chunks, made real by BREAKs
     unmasked = pipe(short + " BREAK BREAK", negative_prompt=negative, **call).images
     assert report("padding chunks unmasked", alone[0], unmasked[0]) > 100 * 1e-5
+
+
+DEVICES_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax
+    import sdjax
+    from test_prompt_parity import CASES, NEGATIVES
+    assert len(jax.devices()) == int(sys.argv[3]), jax.devices()
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(sys.argv[1])
+    out = pipe([p for p, _ in CASES], [n for n, _ in NEGATIVES], height=32, width=48, num_inference_steps=2,
+               guidance_scale=3.0, seed=5, output_type="np", prompt_syntax="a1111").images
+    np.save(sys.argv[2], out)
+""")
+
+
+def test_mixed_lengths_on_1_and_8_devices(sd_folders, tmp_path, monkeypatch):
+    """Prompts of 1, 2 and 3 chunks (ids, weights and masks sharded over the batch, padded to 8 rows): the same
+    images on 1 and 8 fake CPU devices (float rounding of the per-device batch aside, see
+    test_pipeline.test_device_count_changes_only_rounding_on_a_wide_model)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{__import__('os').environ.get('PYTHONPATH', '')}")
+    results = run_on_devices(tmp_path, DEVICES_SCRIPT, sd_folders["sd1"])
+    assert results[1].shape == (3, H, W, 3)
+    assert report("1 vs 8 devices", results[1], results[8]) <= 1e-5
 
 
 # -- SDXL --------------------------------------------------------------------------------------------------------
