@@ -62,8 +62,8 @@ def report(name, ours, theirs):
 
 def test_loads_base_and_refiner(pipes, folders):
     base, refiner = pipes["base"], pipes["refiner"]
-    assert set(base._text_encoders()) == {"text_encoder", "text_encoder_2"}
-    assert set(refiner._text_encoders()) == {"text_encoder_2"}
+    assert set(base.text_encoders()) == {"text_encoder", "text_encoder_2"}
+    assert set(refiner.text_encoders()) == {"text_encoder_2"}
     assert base.force_zeros_for_empty_prompt and not base.requires_aesthetics_score
     assert refiner.requires_aesthetics_score and not refiner.force_zeros_for_empty_prompt
     assert base.tokenizer.pad_token_id == 49407 and base.tokenizer_2.pad_token_id == 0  # "!"
@@ -151,8 +151,8 @@ def test_base_to_refiner_handoff_matches_diffusers(sampler, pipes, refs, monkeyp
                 sampler=sampler, latents=latents, output_type="np", refiner=refiner, high_noise_frac=frac).images
 
     made = samplers.make_sampler(sampler, base.scheduler_config, STEPS)
-    _, end = base._schedule_range(made, "txt2img", 1.0, None, frac, STEPS)
-    start, _ = refiner._schedule_range(made, "img2img", 1.0, frac, None, STEPS)
+    _, end = base.schedule_range(made, "txt2img", 1.0, None, frac, STEPS)
+    start, _ = refiner.schedule_range(made, "img2img", 1.0, frac, None, STEPS)
     assert 0 < end < made.num_calls and 0 < start < made.num_calls
     needs = made.needs_noise
     patch_noise(monkeypatch, (step_noises(range(end)) + step_noises(range(start, made.num_calls))) if needs else [])
