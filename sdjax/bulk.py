@@ -61,6 +61,8 @@ class RunSpec:
     refiner: str | None = None  # SDXL base -> refiner hand-off: the refiner's name, its schedule, the split
     refiner_steps: int | None = None
     high_noise_frac: float | None = None
+    prompt_syntax: str = "plain"  # how the prompts are read (sdjax.prompts): "plain" or "a1111"
+    emphasis: str = "original"  # A1111's emphasis mode, with prompt_syntax "a1111"
 
     def run_id(self) -> str:
         """Same settings -> same id, so `resume` knows which saved images belong to this run."""
@@ -70,6 +72,8 @@ class RunSpec:
                 del fields[k]
         if self.model_hash is None:  # likewise runs of a folder model
             del fields["model_hash"]
+        if self.prompt_syntax == "plain" and self.emphasis == "original":  # and runs of literal prompts
+            del fields["prompt_syntax"], fields["emphasis"]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -96,8 +100,9 @@ A1111_NAMES = {
     "batch_position": "Batch pos", "refiner": "Refiner", "high_noise_frac": "Refiner switch at",
     "refiner_steps": "Refiner steps", "refiner_mode": "Refiner mode", "refiner_strength": "Refiner strength",
     "noise_level": "Noise level", "init_image": "Init image", "tile_size": "Tile size", "clip_score": "CLIP score",
-    "model_hash": "Model hash",
+    "model_hash": "Model hash", "emphasis": "Emphasis",
 }
+EMPHASIS_NAMES = {"original": "Original", "none": "No norm"}  # A1111's names of its emphasis modes
 
 
 def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int, scale: float, width: int,
@@ -105,7 +110,8 @@ def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int
     """(the A1111 `parameters` text, the manifest record) of one saved image: the one place both are made, for the
     CLI's bulk runs, `sdjax upscale` and the demo. `fields` (in order) go into the record as they are and, where
     A1111 has a name for them and they are not None, into the text (a CLIP score with 4 decimals, an init image by
-    its file name)."""
+    its file name, an emphasis mode by A1111's name). Give `prompt_syntax` ("plain" or "a1111") and, with
+    "a1111", `emphasis`: how the prompts were read."""
     extra = {}
     for key, value in fields.items():
         if key in A1111_NAMES and value is not None:
@@ -113,6 +119,8 @@ def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int
                 value = f"{value:.4f}"
             elif key == "init_image":
                 value = Path(value).name
+            elif key == "emphasis":
+                value = EMPHASIS_NAMES.get(value, value)
             extra[A1111_NAMES[key]] = value
     text = a1111_parameters(prompt, negative, steps=steps, sampler=sampler, scale=scale, seed=seed, width=width,
                             height=height, model=model, extra=extra)
@@ -121,6 +129,11 @@ def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int
     if precision:
         record["precision"] = precision
     return text, record
+
+
+def syntax_fields(prompt_syntax: str, emphasis: str) -> dict:
+    """The metadata fields that say how prompts were read: the syntax, and its emphasis mode with "a1111"."""
+    return dict(prompt_syntax=prompt_syntax, emphasis=emphasis if prompt_syntax == "a1111" else None)
 
 
 def save_png_exclusive(image, folder: Path, texts: dict[str, str], pattern=SAMPLE_NAME, width=5, prefix="") -> Path:
@@ -269,6 +282,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
 
     from sdjax import distributed
     from sdjax.pipelines.images import numpy_to_pil
+    from sdjax.prompts import plain_text
 
     outdir = Path(outdir)
     samples = outdir / "samples"
@@ -313,7 +327,8 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
         out = pipe(prompts, [spec.negative_prompt] * len(prompts), height=spec.height, width=spec.width,
                    num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
                    seed=[seed] * len(prompts), num_images_per_prompt=spec.per_call, image=image, mask_image=mask,
-                   strength=spec.strength, output_type="np", **handoff)
+                   strength=spec.strength, output_type="np", prompt_syntax=spec.prompt_syntax,
+                   emphasis=spec.emphasis, **handoff)
         total = len(prompts) * spec.per_call
         mine = [int(i) for i in out.indices]  # batch positions this process holds (all, with one process)
         if reranker is not None and n_processes > 1:  # scoring needs every candidate of a prompt
@@ -326,7 +341,8 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
             scores = [None] * len(candidates)
             order = list(range(len(candidates)))
             if reranker is not None:
-                scores = [float(s) for s in reranker.score(candidates, spec.prompts[p])]
+                text = plain_text(spec.prompts[p], spec.prompt_syntax)  # CLIP reads text literally
+                scores = [float(s) for s in reranker.score(candidates, text)]
                 if n_processes > 1:  # every process must keep the same candidates: process 0's scores decide
                     scores = distributed.from_process_0(np.asarray(scores, np.float32)).tolist()
                 order = sorted(order, key=lambda k: -scores[k])[:spec.kept]
@@ -342,6 +358,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                     steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
                     precision=precision, **({} if spec.model_hash is None else {"model_hash": spec.model_hash}),
                     run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
+                    **syntax_fields(spec.prompt_syntax, spec.emphasis),
                     clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
                     **({"process": process} if n_processes > 1 else {}))
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
@@ -383,11 +400,12 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
                       outdir: str | os.PathLike, *, negative_prompt: str = "", n_samples: int = 1, steps: int = 75,
                       scale: float = 9.0, noise_level: int = 20, sampler: str = "ddim", seed: int = 42,
                       tile_size: int | None = None, tile_overlap: int | None = None, model: str = "",
-                      precision: str = "", model_hash: str | None = None) -> list[dict]:
+                      precision: str = "", model_hash: str | None = None, prompt_syntax: str = "plain",
+                      emphasis: str = "original") -> list[dict]:
     """Upscale `init_image` once per prompt (n_samples images each, seed `seed`) into outdir/samples/NNNNN.png:
     numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
     a manifest.jsonl line per image, as `run_bulk`. `pipe`: a StableDiffusionUpscalePipeline. Returns the manifest
-    records written."""
+    records written. prompt_syntax, emphasis: how the prompts are read (`sdjax.prompts`)."""
     from PIL import Image
 
     outdir = Path(outdir)
@@ -396,20 +414,22 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
     low = Image.open(init_image).convert("RGB")
     settings = dict(mode="upscale", prompts=list(prompts), negative=negative_prompt, n_samples=n_samples,
                     steps=steps, scale=scale, noise_level=noise_level, sampler=sampler, seed=seed,
-                    tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image))
+                    tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image),
+                    **({} if prompt_syntax == "plain" else syntax_fields(prompt_syntax, emphasis)))
     run_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     written = []
     for p, prompt in enumerate(prompts):
         out = pipe(prompt, low, negative_prompt, num_inference_steps=steps, guidance_scale=scale,
                    noise_level=noise_level, sampler=sampler, seed=[seed], num_images_per_prompt=n_samples,
-                   tile_size=tile_size, tile_overlap=tile_overlap).images
+                   tile_size=tile_size, tile_overlap=tile_overlap, prompt_syntax=prompt_syntax,
+                   emphasis=emphasis).images
         for k, im in enumerate(out):
             params, record = image_metadata(
                 prompt=prompt, negative=negative_prompt, seed=seed, sampler=sampler, steps=steps, scale=scale,
                 width=im.width, height=im.height, model=model, precision=precision,
                 **({} if model_hash is None else {"model_hash": model_hash}), run_id=run_id, job=[p, 0, k],
                 batch_position=k, mode="upscale", noise_level=noise_level, init_image=str(init_image),
-                tile_size=tile_size, tile_overlap=tile_overlap)
+                tile_size=tile_size, tile_overlap=tile_overlap, **syntax_fields(prompt_syntax, emphasis))
             path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
             record["file"] = str(path.relative_to(outdir))
             append_manifest(outdir, record)

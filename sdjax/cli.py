@@ -32,10 +32,19 @@ def _add_single_file_flags(p: argparse.ArgumentParser):
                    help="single-file --ckpt: the model's prediction type (SD 2.x files do not say; default: detected)")
 
 
+def _add_prompt_syntax_flags(p: argparse.ArgumentParser):
+    p.add_argument("--prompt-syntax", dest="prompt_syntax", choices=["a1111", "plain"],
+                   help="a1111 (default): (word:1.3) / (word) / [word] weights, \\( \\) escapes, BREAK, as "
+                        "AUTOMATIC1111; plain: the text as it is (prompts and negative prompt alike)")
+    p.add_argument("--emphasis", choices=["original", "none"],
+                   help="with --prompt-syntax a1111: original (default; weighted chunks keep their mean) or none")
+
+
 def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--prompt", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--from-file", dest="from_file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", dest="negative_prompt", help="what the images should not show")
+    _add_prompt_syntax_flags(p)
     p.add_argument("--n_samples", type=int, help="images per prompt in one batch (default 3)")
     p.add_argument("--n_iter", type=int, help="how many batches per prompt (default 2)")
     p.add_argument("--H", type=int, help="image height in pixels (default: the model's size)")
@@ -83,7 +92,8 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
                        help="with --refiner: the fraction of the schedule the base denoises, in (0, 1) (default 0.8)")
 
 
-DEFAULTS = dict(n_samples=3, n_iter=2, scale=7.5, ddim_steps=50, seed=42, sampler="ddim", keep=1)
+DEFAULTS = dict(n_samples=3, n_iter=2, scale=7.5, ddim_steps=50, seed=42, sampler="ddim", keep=1,
+                prompt_syntax="a1111", emphasis="original")
 CONFIG_KEYS = {  # YAML key -> flag dest
     "model": "ckpt", "ckpt": "ckpt", "sampler": "sampler", "steps": "ddim_steps", "ddim_steps": "ddim_steps",
     "scale": "scale", "H": "H", "W": "W", "height": "H", "width": "W", "precision": "precision",
@@ -93,6 +103,7 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
+    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis",
 }
 
 
@@ -150,6 +161,10 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
             raise UsageError("--n-candidates needs --rerank-model (a CLIP model folder) to choose the best")
     if mode != "txt2img" and not (0.0 < float(s["strength"]) <= 1.0):
         raise UsageError(f"--strength must be in (0, 1], got {s['strength']}")
+    if s["prompt_syntax"] not in ("a1111", "plain"):
+        raise UsageError(f"prompt_syntax must be a1111 or plain, got {s['prompt_syntax']!r}")
+    if s["emphasis"] not in ("original", "none"):
+        raise UsageError(f"emphasis must be original or none, got {s['emphasis']!r}")
     if s.get("precision") not in (None, "full", "autocast"):
         raise UsageError(f"precision must be full or autocast, got {s['precision']!r}")
     _check_refiner_settings(s, mode)
@@ -185,7 +200,9 @@ def read_prompts(s: dict) -> list[str]:
         if not path.is_file():
             raise UsageError(f"--from-file {path}: no such file")
         try:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            # utf-8-sig: a byte order mark (Windows editors write one) is not part of the first prompt; splitlines
+            # takes CRLF line ends as one
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise UsageError(f"--from-file {path}: not a UTF-8 text file") from None
         if not prompts:
@@ -281,6 +298,7 @@ def cmd_generate(args, mode: str) -> int:
         model_hash=model_hash(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
+        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"],
         **({} if refiner is None else dict(
             refiner=Path(str(s["refiner"])).name or str(s["refiner"]), high_noise_frac=s["high_noise_frac"],
             refiner_steps=int(s.get("refiner_steps") or s["ddim_steps"]))),
@@ -397,6 +415,7 @@ def _add_upscale_parser(sub) -> None:
     u.add_argument("--prompt", help="what the image shows (default: empty)")
     u.add_argument("--from-file", dest="from_file", help="a text file with one prompt per line (an upscale each)")
     u.add_argument("--negative-prompt", dest="negative_prompt", help="what the upscale should not show")
+    _add_prompt_syntax_flags(u)
     u.add_argument("--ckpt", help="a diffusers x4 upscaler folder, hub id (e.g. "
                                   "stabilityai/stable-diffusion-x4-upscaler) or single-file checkpoint (required: none "
                                   "ships with sdjax)")
@@ -451,7 +470,7 @@ def cmd_upscale(args) -> int:
             n_samples=int(s["n_samples"]), steps=int(s["ddim_steps"]), scale=float(s["scale"]),
             noise_level=int(s["noise_level"]), sampler=s["sampler"], seed=int(s["seed"]), tile_size=int(tile_size),
             tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision,
-            model_hash=model_hash(ckpt))
+            model_hash=model_hash(ckpt), prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"])
     except ValueError as e:  # the pipeline's checks of the request (noise level above the model's maximum, ...)
         raise UsageError(one_line(e)) from None
     print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")

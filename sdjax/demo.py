@@ -62,7 +62,8 @@ def is_sdxl_handoff(pipe, refiner) -> bool:
 def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: float = 7.5, width: int | None = None,
              height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
              n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
-             high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None) -> list[Candidate]:
+             high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None,
+             prompt_syntax: str = "a1111") -> list[Candidate]:
     """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
     batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
 
@@ -72,10 +73,12 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     (diffusers' ensemble of expert denoisers). Otherwise every finished image goes through an img2img pass of the
     refiner at strength REFINER_STRENGTH that runs `refiner_steps` denoising steps (high_noise_frac unused).
     An empty negative prompt is passed as None (SDXL base: zero negative embeddings, as diffusers).
+    prompt_syntax: "a1111" (weights such as `(word:1.3)`, BREAK; `sdjax.prompts`) or "plain" (literal text).
     """
     from PIL import PngImagePlugin
 
-    from sdjax.bulk import image_metadata
+    from sdjax.bulk import image_metadata, syntax_fields
+    from sdjax.prompts import plain_text
 
     prompt = prompt or ""
     if not prompt.strip():
@@ -83,7 +86,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     n = int(n_candidates)
     if n < 1:
         raise ValueError(f"the number of candidates must be at least 1, got {n_candidates}")
-    kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed))
+    kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed), prompt_syntax=prompt_syntax)
     refine = refiner is not None and int(refiner_steps or 0) > 0
     handoff = refine and is_sdxl_handoff(pipe, refiner)
     extra = {}
@@ -103,7 +106,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     scores = [None] * n
     order = list(range(n))
     if reranker is not None:
-        scores = [float(s) for s in reranker.score(images, prompt)]
+        scores = [float(s) for s in reranker.score(images, plain_text(prompt, prompt_syntax))]
         order = sorted(order, key=lambda k: -scores[k])  # stable: ties keep batch order
 
     outdir = Path(outdir or tempfile.mkdtemp(prefix="sdjax-demo-"))
@@ -114,7 +117,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
         params, _ = image_metadata(
             prompt=prompt, negative=negative_prompt or "", seed=int(seed), sampler=sampler, steps=int(steps),
             scale=float(guidance_scale), width=im.width, height=im.height, model=pipe.name, batch_position=k,
-            **extra, clip_score=scores[k])
+            **extra, **syntax_fields(prompt_syntax, "original"), clip_score=scores[k])
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", params)
         path = outdir / f"{uuid.uuid4().hex[:12]}.png"
@@ -153,7 +156,7 @@ def build_demo(pipe, reranker=None, refiner=None):
     handoff = refiner is not None and is_sdxl_handoff(pipe, refiner)
 
     def run(prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize, sampler,
-            n_candidates, rerank):
+            n_candidates, rerank, prompt_syntax="a1111"):
         seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
         try:
             candidates = generate(
@@ -161,6 +164,7 @@ def build_demo(pipe, reranker=None, refiner=None):
                 sampler=sampler, seed=seed, n_candidates=n_candidates,
                 reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
                 high_noise_frac=HIGH_NOISE_FRAC if high_noise_frac is None else high_noise_frac, outdir=outdir,
+                prompt_syntax=prompt_syntax or "a1111",
             )
         except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
             raise gr.Error(" ".join(str(e).split())) from None
@@ -186,6 +190,8 @@ def build_demo(pipe, reranker=None, refiner=None):
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photograph of an astronaut riding a horse")
                 negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+                prompt_syntax = gr.Radio(["a1111", "plain"], value="a1111", label="Prompt syntax",
+                                         info="a1111: (word:1.3), (word), [word], BREAK; plain: the text as it is")
                 with gr.Row():
                     scale = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance scale")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
@@ -216,7 +222,7 @@ def build_demo(pipe, reranker=None, refiner=None):
                                         interactive=False)
         per_image = gr.State([])
         inputs = [prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize,
-                  sampler, n_candidates, rerank]
+                  sampler, n_candidates, rerank, prompt_syntax]
         outputs = [gallery, parameters, seed, per_image]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)

@@ -276,6 +276,9 @@ class CLIPReranker:
         images: as `preprocess` takes them (PIL images, or arrays in [0, 1] or uint8; not preprocessed pixels).
         prompts: one string for all images, or one per image. batch_size: images per device call (rounded up to a
         multiple of the device count; default all at once); every call of one size reuses one compiled program.
+        Unlike the pipelines (`sdjax.prompts`), the reranker keeps CLIP's 77-token limit: a longer prompt is cut
+        (with a warning) and scored on its first 75 tokens; the text is read literally (`prompts.plain_text` removes
+        A1111 syntax first).
         """
         images = _as_list(images)
         n = len(images)

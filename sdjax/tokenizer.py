@@ -49,7 +49,9 @@ class Tokenizer:
     """`tok(prompts, max_length=77) -> (input_ids, attention_mask)`, both (B, max_length) int32 numpy arrays.
 
     A prompt longer than max_length tokens is cut to max_length - 1 tokens plus EOS, with a warning naming the
-    dropped text; `tok.encode(...)` returns the same arrays plus the per-prompt `truncated` text.
+    dropped text; `tok.encode(...)` returns the same arrays plus the per-prompt `truncated` text. (The CLIP reranker
+    and training captions use this; the pipelines encode prompts of any length in chunks, `sdjax.prompts`, from
+    `bpe`.)
     """
 
     def __init__(self, hf_tokenizer):
@@ -124,6 +126,15 @@ class Tokenizer:
     def __call__(self, prompts: str | list[str], max_length: int = 77) -> tuple[np.ndarray, np.ndarray]:
         tokens = self.encode(prompts, max_length)
         return tokens.input_ids, tokens.attention_mask
+
+    def bpe(self, texts: list[str]) -> list[list[int]]:
+        """The BPE ids of each text, without BOS/EOS, padding or truncation (`sdjax.prompts` makes the chunks)."""
+        return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False, truncation=False,
+                                             verbose=False)["input_ids"]]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. ",</w>"), or None."""
+        return self.hf.get_vocab().get(token)
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -179,3 +179,44 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdjax.cli", "txt2img", "--ddim_steps", "0", "--ckpt", str(tmp_path)],
                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_file_with_bom_and_crlf_reads_the_same(tmp_path):
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_bytes("a (red:1.2) circle\n\nun carré vert\n".encode())
+    windows.write_bytes("\ufeffa (red:1.2) circle\r\n\r\nun carré vert\r\n".encode())
+    assert cli.read_prompts({"from_file": str(windows)}) == cli.read_prompts({"from_file": str(plain)}) == [
+        "a (red:1.2) circle", "un carré vert"]
+
+
+def test_prompt_syntax_flag_metadata_and_images(model, tmp_path):
+    """The CLI reads A1111 syntax by default (the library: plain); the manifest, the PNG's sdjax record and its A1111
+    text say how the prompt was read; the images of the two readings differ, and the CLI's images are the library's
+    with the same options."""
+    import sdjax
+
+    prompt = "a (red:1.4) circle on a [[blue]] background"
+    base = ["txt2img", "--prompt", prompt, "--n_samples", "1", "--n_iter", "1", "--ckpt", str(model), "--skip_grid",
+            "--seed", "3", *FAST]
+    runs = {}
+    for name, extra in (("a1111", []), ("plain", ["--prompt-syntax", "plain"]),
+                        ("none", ["--emphasis", "none"])):
+        out = tmp_path / name
+        assert cli.main(base + ["--outdir", str(out)] + extra) == 0
+        (record,) = manifest(out)
+        with Image.open(out / record["file"]) as im:
+            runs[name] = (record, im.text, np.asarray(im.convert("RGB"), np.float32) / 255)
+    assert runs["a1111"][0]["prompt_syntax"] == "a1111" and runs["a1111"][0]["emphasis"] == "original"
+    assert runs["plain"][0]["prompt_syntax"] == "plain" and runs["plain"][0]["emphasis"] is None
+    assert runs["none"][0]["emphasis"] == "none"
+    assert "Emphasis: Original" in runs["a1111"][1]["parameters"]
+    assert "Emphasis: No norm" in runs["none"][1]["parameters"]
+    assert "Emphasis" not in runs["plain"][1]["parameters"]
+    assert json.loads(runs["a1111"][1]["sdjax"])["prompt_syntax"] == "a1111"
+    assert runs["a1111"][0]["run_id"] != runs["plain"][0]["run_id"]
+    assert np.abs(runs["a1111"][2] - runs["plain"][2]).max() > 0.02
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(model)
+    for name, emphasis in (("a1111", "original"), ("none", "none")):
+        ours = pipe(prompt, "", height=32, width=48, num_inference_steps=2, guidance_scale=5.0, seed=[3],
+                    prompt_syntax="a1111", emphasis=emphasis).images[0]
+        assert np.array_equal(np.asarray(ours, np.float32) / 255, runs[name][2])

@@ -91,6 +91,28 @@ def test_values_do_not_recompile(sd, compiles):
         assert compiles.count == before + 1, name
 
 
+def test_one_program_per_chunk_bucket(sd, compiles):
+    """Prompts of any length: one program per bucket of chunks (1, 2, 3, 4, then multiples of 4), whatever the
+    mix of lengths, weights and negatives within it."""
+    call = dict(height=H, width=W, num_inference_steps=2, output_type="latent", prompt_syntax="a1111")
+
+    def words(n):  # n tokens: n // 75 + 1 chunks
+        return " ".join(["cat"] * n)
+
+    sd(["a (red:1.2) circle", "[b]"], **call)
+    sd(["x", "y"], negative_prompt=["blurry", "(ugly:1.4)"], **call)
+    assert compiles.count == 1
+    sd([words(80), "a"], **call)
+    sd(["a", "b"], negative_prompt=[words(100), "c"], **call)
+    sd(["a BREAK b", words(140)], **call)
+    assert compiles.count == 2
+    sd([words(200), "a"], negative_prompt="(blurry:0.8)", **call)
+    assert compiles.count == 3
+    sd([words(310), "a"], **call)  # 5 chunks: bucket 8
+    sd([words(500), words(10)], negative_prompt=words(400), **call)  # 7 chunks: bucket 8
+    assert compiles.count == 4
+
+
 def test_sdxl_denoising_fractions_do_not_recompile(tmp_path_factory, compiles):
     folder = build_sdxl(tmp_path_factory.mktemp("compiles") / "sdxl")
     pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder)

@@ -149,3 +149,20 @@ def test_demo_without_gradio_is_one_line(monkeypatch, capsys):
     assert cli.main(["demo", "--port", "7861"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and 'pip install "sdjax[demo]"' in err
+
+
+def test_prompt_syntax_toggle(served, tmp_path):
+    """The syntax toggle (default a1111, as the CLI) reaches the pipeline and the PNG metadata."""
+    gradio_client = pytest.importorskip("gradio_client")
+    demo, port = served
+    assert control(demo, "Prompt syntax").value == "a1111"
+    client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+    results = {}
+    for syntax in ("a1111", "plain"):
+        gallery, parameters, _ = client.predict(
+            "a (red:1.6) circle", "", 5.0, 32, 24, 2, 0, 0.8, 5, False, "ddim", 1, False, syntax,
+            api_name="/generate")
+        with Image.open(gallery[0]["image"]) as im:
+            results[syntax] = (parameters, np.asarray(im.convert("RGB"), np.float32) / 255)
+    assert "Emphasis: Original" in results["a1111"][0] and "Emphasis" not in results["plain"][0]
+    assert np.abs(results["a1111"][1] - results["plain"][1]).max() > 0.02

@@ -392,3 +392,24 @@ def test_cli_txt2img_with_an_upscaler_points_to_upscale(folder, tmp_path, capsys
     assert cli.main(["txt2img", "--prompt", "x", "--ckpt", str(folder), "--outdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "x4 upscaler: use sdjax upscale" in err and "\n" not in err
+
+
+def test_weighted_long_prompt_matches_reference(pipe, ref, monkeypatch):
+    """prompt_syntax="a1111" on the upscaler: a 2-chunk weighted prompt and a 1-chunk negative, against A1111's
+    chunking and emphasis computed over transformers' CLIP (test_prompt_parity) handed to diffusers as embeddings."""
+    from test_prompt_parity import CASES, NEGATIVES as A1111_NEGATIVES, ref_embed, same_length
+
+    (prompt, fragments), (negative, neg_fragments) = CASES[1], A1111_NEGATIVES[0]
+    latents, low_res_noise = pipe.default_noise(h, w, seed=0, num_prompts=1)
+    ours = pipe(prompt, LOW[:1], negative, num_inference_steps=STEPS, guidance_scale=7.5, sampler="ddim",
+                output_type="np", prompt_syntax="a1111").images
+    cond, _ = ref_embed(ref.text_encoder, ref.tokenizer, fragments)
+    uncond, _ = ref_embed(ref.text_encoder, ref.tokenizer, neg_fragments)
+    cond, uncond = same_length(cond, uncond)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    patch_noise(monkeypatch, [low_res_noise] + step_noises(1))
+    theirs = ref(image=LOW[:1], prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=STEPS,
+                 guidance_scale=7.5, latents=nchw(latents), output_type="np").images
+    diff = np.abs(ours - theirs).max()
+    print(f"a1111 2-chunk prompt: max abs diff {diff:.2e}")
+    assert diff <= TOL

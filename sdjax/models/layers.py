@@ -168,8 +168,11 @@ def _upsample2x_conv3x3(x, conv_module):
     return y
 
 
-def attention(q, k, v, heads, *, upcast=False, query_chunk=None):
+def attention(q, k, v, heads, *, upcast=False, query_chunk=None, mask=None):
     """Multi-head scaled dot-product attention on (B, L, heads*D) arrays; softmax in float32.
+
+    mask: (B, Lk) bool, False for keys no query may attend to (padding chunks of a long prompt); each row needs at
+    least one True. Their scores become -inf, so their softmax weights are exactly 0; None: every key counts.
 
     query_chunk: process queries in chunks of this many, all heads at once (same result, less memory for long
     sequences). When None, XLA:CPU still splits a large attention into one (batch, head) and a few hundred queries
@@ -187,25 +190,34 @@ def attention(q, k, v, heads, *, upcast=False, query_chunk=None):
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)  # scaling q costs Lq*D multiplies, scaling scores Lq*Lk
 
-    def block(qc, kc, vc):
-        probs = jax.nn.softmax((qc @ kc).astype(jnp.float32), axis=-1).astype(vc.dtype)
+    def block(qc, kc, vc, keep=None):
+        scores = (qc @ kc).astype(jnp.float32)
+        if keep is not None:
+            scores = jnp.where(keep, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(vc.dtype)
         return probs @ vc
 
+    keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk) against (B, heads, Lq, Lk) scores
     if query_chunk and lq > query_chunk:
         n = -(-lq // query_chunk)
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, n * query_chunk - lq), (0, 0)))
         qp = qp.reshape(b, heads, n, query_chunk, d).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda qc: block(qc, k, v), qp)
+        out = jax.lax.map(lambda qc: block(qc, k, v, keep), qp)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, heads, n * query_chunk, d)[:, :, :lq]
     elif query_chunk is None and (chunk := _cpu_query_chunk(b * heads, lq, lk)):
         # one loop over (batch x head, query chunk) pairs: each step a (chunk, D) x (D, Lk) matmul
         n = -(-lq // chunk)
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - lq), (0, 0))).reshape(b * heads * n, chunk, d)
         kf, vf = k.reshape(b * heads, d, lk), v.reshape(b * heads, lk, d)
-        out = jax.lax.map(lambda a: block(a[0], kf[a[1]], vf[a[1]]), (qp, jnp.arange(b * heads * n) // n))
+        step = jnp.arange(b * heads * n) // n  # the (batch x head) index of each step
+
+        def one(a):
+            return block(a[0], kf[a[1]], vf[a[1]], None if mask is None else mask[a[1] // heads][None, :])
+
+        out = jax.lax.map(one, (qp, step))
         out = out.reshape(b, heads, n * chunk, d)[:, :, :lq]
     else:
-        out = block(q, k, v)
+        out = block(q, k, v, keep)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
@@ -245,7 +257,8 @@ class Attention(nnx.Module):
         self.to_v = linear(kv_dim, inner, bias=bias, **kw)
         self.to_out = nnx.List([linear(inner, query_dim, bias=out_bias, **kw)])
 
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, mask=None):
+        """mask: (B, Lk) bool over the context's tokens (see `attention`); only with a context."""
         residual = x
         spatial = x.ndim == 4
         if spatial:
@@ -255,7 +268,8 @@ class Attention(nnx.Module):
             x = self.group_norm(x)
         context = x if context is None else context
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads,
-                        upcast=self.upcast_attention, query_chunk=self.query_chunk_size)
+                        upcast=self.upcast_attention, query_chunk=self.query_chunk_size,
+                        mask=None if context is x else mask)
         out = self.to_out[0](out)
         if spatial:
             out = out.reshape(b, h, w, c)
@@ -319,9 +333,9 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layer_norm(dim, 1e-5, **kw)
         self.ff = FeedForward(dim, activation=activation, **kw)
 
-    def __call__(self, x, context):
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
+    def __call__(self, x, context, mask=None):
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, mask) + x
+        x = self.attn2(self.norm2(x), context, mask) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -344,7 +358,7 @@ class Transformer2DModel(nnx.Module):
         ])
         self.proj_out = proj(inner, channels)
 
-    def __call__(self, x, context):
+    def __call__(self, x, context, mask=None):
         b, h, w, c = x.shape
         residual = x
         x = self.norm(x)
@@ -354,7 +368,7 @@ class Transformer2DModel(nnx.Module):
         if self.use_linear_projection:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, mask)
         if self.use_linear_projection:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, x.shape[-1])

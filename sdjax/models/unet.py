@@ -228,12 +228,12 @@ class DownBlock(nnx.Module):
             nnx.List([Downsample2D(cout, padding=config.downsample_padding, **kw)]) if add_downsample else None
         )
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, mask=None):
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, mask)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -256,10 +256,10 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
             ResnetBlock2D(c, c, temb_dim, groups, eps, output_scale_factor=scale, **kw) for _ in range(2)
         ])
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, mask=None):
         x = self.resnets[0](x, temb)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x, context), temb)
+            x = resnet(attn(x, context, mask), temb)
         return x
 
 
@@ -287,11 +287,11 @@ class UpBlock(nnx.Module):
         ]) if config.up_block_types[i] == "CrossAttnUpBlock2D" else None
         self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
 
-    def __call__(self, x, skips, temb, context, upsample_size=None):
+    def __call__(self, x, skips, temb, context, upsample_size=None, mask=None):
         for j, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips[-1 - j]], axis=-1), temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, mask)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -338,13 +338,16 @@ class UNet2DConditionModel(PretrainedModel, nnx.Module):
         self.conv_norm_out = group_norm(chans[0], config.norm_num_groups, config.norm_eps, **kw)
         self.conv_out = conv(chans[0], config.out_channels, config.conv_out_kernel, **kw)
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, class_labels=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, class_labels=None,
+                 encoder_attention_mask=None):
         """Predict the noise (or v) of `sample`.
 
         sample: (B, h, w, in_channels) latents (any h, w: sizes not divisible by 2^(levels-1) work as in diffusers).
         timesteps: scalar or (B,), int or float. encoder_hidden_states: (B, L, cross_attention_dim).
         added_cond_kwargs (SDXL): {"text_embeds": (B, P) pooled text, "time_ids": (B, K) sizes and crops}.
         class_labels (x4 upscaler): (B,) int noise levels.
+        encoder_attention_mask: (B, L) bool, False for context tokens the cross-attention ignores (the padding
+        chunks of a batch of long prompts, `sdjax.prompts`); None: all count.
         Returns (B, h, w, out_channels) in the compute dtype.
         """
         config = self.config
@@ -371,18 +374,18 @@ class UNet2DConditionModel(PretrainedModel, nnx.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, res = block(x, emb, context)
+            x, res = block(x, emb, context, encoder_attention_mask)
             skips.extend(res)
 
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context)
+            x = self.mid_block(x, emb, context, encoder_attention_mask)
 
         for block in self.up_blocks:
             k = len(block.resnets)
             res, skips = skips[-k:], skips[:-k]
             # upsample to the size of the next skip: 2x, or the exact size when the latent was odd on the way down
             size = skips[-1].shape[1:3] if block.upsamplers is not None else None
-            x = block(x, res, emb, context, size)
+            x = block(x, res, emb, context, size, encoder_attention_mask)
 
         x = nnx.silu(self.conv_norm_out(x))
         return self.conv_out(x)

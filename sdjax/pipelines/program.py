@@ -50,13 +50,16 @@ class Conditioning:
 
     context: (N, L, D) cross-attention states; added: the UNet's added_cond_kwargs (SDXL `text_embeds`, `time_ids`);
     class_labels: (N,) (the x4 upscaler's noise level); unet_concat: (N, h, w, c) extra UNet input channels (the
-    upscaler's noised low-res image), the same for both halves of a guided pair.
+    upscaler's noised low-res image), the same for both halves of a guided pair; context_mask: (N, L) bool, False at
+    the context tokens of padding chunks (a batch of prompts of different lengths, `sdjax.prompts`), which the
+    UNet's cross-attention ignores; None: every token counts.
     """
 
     context: jax.Array
     added: dict | None = None
     class_labels: jax.Array | None = None
     unet_concat: jax.Array | None = None
+    context_mask: jax.Array | None = None
 
 
 # A family's program-side encoder: (text encoders by name, its own batch inputs, cfg) -> (cond, uncond or None).
@@ -159,7 +162,7 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
     if plan.cfg:
         strip = lambda c: dataclasses.replace(c, unet_concat=None)
         cond = jax.tree.map(_interleave, strip(uncond), strip(cond))
-    context, added, labels = cond.context, cond.added, cond.class_labels
+    context, added, labels, context_mask = cond.context, cond.added, cond.class_labels, cond.context_mask
 
     noise = batch.latents if plan.given_latents else image_noise(keys, shape)
     noise = noise.astype(jnp.float32)
@@ -198,7 +201,7 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
         if concat is not None:
             x_in = jnp.concatenate([x_in, concat.astype(x_in.dtype)], axis=-1)
         t = sampler.timesteps[i]
-        kw = dict(added_cond_kwargs=added, class_labels=labels)
+        kw = dict(added_cond_kwargs=added, class_labels=labels, encoder_attention_mask=context_mask)
         if not plan.cfg:
             return unet(x_in.astype(unet_dtype(unet)), t, context, **kw).astype(jnp.float32)
         pair = jnp.repeat(x_in, 2, axis=0)

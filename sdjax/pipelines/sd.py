@@ -8,6 +8,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from sdjax import prompts as prompts_lib
 from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines.base import DiffusionPipeline, PipelineOutput, PromptInputs, per_prompt
 from sdjax.pipelines.program import Conditioning
@@ -100,20 +101,28 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def text_encoders(self) -> dict:
         return {"text_encoder": self.text_encoder}
 
-    def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width) -> PromptInputs:
+    def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, prompt_syntax="plain",
+                      emphasis="original") -> PromptInputs:
         negatives = [""] * len(prompts) if negative_prompt is None else per_prompt(
             negative_prompt, len(prompts), "negative_prompt")
-        inputs = {"ids": self.tokenizer(prompts)[0]}
+        groups = {"": [(self.tokenizer, prompts)]}
         if cfg:
-            inputs["neg_ids"] = self.tokenizer(negatives)[0]
-        return PromptInputs(per_prompt=inputs)
+            groups["neg_"] = [(self.tokenizer, negatives)]
+        inputs, static = prompts_lib.text_inputs(groups, prompt_syntax, emphasis)
+        return PromptInputs(per_prompt=inputs, static=static)
 
     def conditioning(self, static: tuple):
+        emphasis = dict(static)["emphasis"]
+
         def encode(encoders, inputs, cfg):
             te = encoders["text_encoder"]
-            cond = Conditioning(context=te(inputs["ids"]).last_hidden_state)
-            uncond = Conditioning(context=te(inputs["neg_ids"]).last_hidden_state) if cfg else None
-            return cond, uncond
+
+            def side(prefix):
+                context, _ = encode_chunks(lambda ids: (te(ids).last_hidden_state, None), inputs[f"{prefix}ids_0"],
+                                           inputs.get(f"{prefix}weights_0"), emphasis)
+                return Conditioning(context=context, context_mask=inputs.get(f"{prefix}mask"))
+
+            return side(""), side("neg_") if cfg else None
 
         return encode
 
@@ -136,6 +145,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         strength: float = 0.8,
         output_type: str = "pil",
         guidance_rescale: float = 0.0,
+        *,
+        prompt_syntax: str = "plain",
+        emphasis: str = "original",
     ) -> PipelineOutput:
         """Generate images. Mode: txt2img without `image`, img2img with `image`, inpaint with `image` and
         `mask_image` (white = repaint).
@@ -146,6 +158,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         img2img also latents (batch or prompts, H/f, W/f, C), taken as they are (no VAE encoding).
         seed: int (image i uses fold_in(key(seed), i)) or one int per prompt.
         guidance_rescale: diffusers' rescale of the guided prediction towards the text prediction's std (0: off).
+        prompt_syntax: "plain" (the text is literal) or "a1111" (`(word:1.3)`, `[word]`, BREAK, ...; also for the
+        negative prompts); prompts of any length are encoded in chunks of 75 tokens (`sdjax.prompts`). emphasis:
+        with "a1111", "original" (A1111's default: weighted chunks keep their mean) or "none".
         Returns PipelineOutput(images=...) with "pil" (list of PIL images), "np" ((B, H, W, 3) float in [0, 1]) or
         "latent" ((B, H/f, W/f, C) latents, unscaled by the VAE scaling factor as diffusers returns them).
         With several processes (sdjax.distributed) the batch is split over every process's devices and each
@@ -157,8 +172,31 @@ class StableDiffusionPipeline(DiffusionPipeline):
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
             latents=latents, image=image, mask_image=mask_image, strength=strength, output_type=output_type,
-            guidance_rescale=guidance_rescale,
+            guidance_rescale=guidance_rescale, text_options=dict(prompt_syntax=prompt_syntax, emphasis=emphasis),
         )
+
+
+def emphasize(states, weights, emphasis: str):
+    """A1111's emphasis on encoded chunks: states (N, k, 77, D) times the token weights (N, k, 77); "original"
+    then rescales each chunk of each prompt to its mean before weighting, "none" does not. Float32 arithmetic."""
+    z = states.astype(jnp.float32)
+    weighted = z * weights[..., None].astype(jnp.float32)
+    if emphasis == "original":
+        weighted = weighted * (z.mean(axis=(2, 3), keepdims=True) / weighted.mean(axis=(2, 3), keepdims=True))
+    return weighted.astype(states.dtype)
+
+
+def encode_chunks(run, ids, weights=None, emphasis: str | None = None):
+    """Encode prompts chunk by chunk. run: (M, 77) ids -> (states (M, 77, D), pooled (M, P) or None); ids, weights:
+    (N, k, 77). Returns (states (N, 77 k, D) with emphasis applied when `emphasis` is given, pooled of each
+    prompt's first chunk (N, P) or None)."""
+    n, k, length = ids.shape
+    states, pooled = run(ids.reshape(n * k, length))
+    states = states.reshape(n, k, length, states.shape[-1])
+    if emphasis is not None:
+        states = emphasize(states, weights, emphasis)
+    pooled = None if pooled is None else pooled.reshape(n, k, pooled.shape[-1])[:, 0]
+    return states.reshape(n, k * length, states.shape[-1]), pooled
 
 
 def _subclass_for(cls, index: dict):

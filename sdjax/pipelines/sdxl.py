@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sdjax import distributed, samplers as samplers_lib
+from sdjax import distributed, prompts as prompts_lib, samplers as samplers_lib
 from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines.base import PipelineOutput, PromptInputs, check_fraction, per_prompt
 from sdjax.pipelines.images import to_list
 from sdjax.pipelines.program import Conditioning
-from sdjax.pipelines.sd import StableDiffusionPipeline
+from sdjax.pipelines.sd import StableDiffusionPipeline, encode_chunks
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
@@ -87,7 +87,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, prompt_2=None,
                      negative_prompt_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                      negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                     aesthetic_score=6.0, negative_aesthetic_score=2.5):
+                     aesthetic_score=6.0, negative_aesthetic_score=2.5, prompt_syntax="plain", emphasis="original"):
         n = len(prompts)
         prompts_2 = prompts if prompt_2 is None else per_prompt(prompt_2, n, "prompt_2")
         # diffusers zeroes the negative embeddings when no negative_prompt is given (negative_prompt_2 alone
@@ -99,11 +99,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         tokenizers = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
         # as diffusers: the refiner's single encoder reads `prompt` (and `negative_prompt`), not the *_2 ones
         texts = list(zip(self.encoder_names(), (prompts, prompts_2), (negatives, negatives_2)))
-        inputs = {}
-        for j, (name, pos, neg) in enumerate(texts):
-            inputs[f"ids_{j}"] = tokenizers[name](pos)[0]
-            if cfg and not zero:
-                inputs[f"neg_ids_{j}"] = tokenizers[name](neg)[0]
+        groups = {"": [(tokenizers[name], pos) for name, pos, _ in texts]}
+        if cfg and not zero:
+            groups["neg_"] = [(tokenizers[name], neg) for name, _, neg in texts]
+        inputs, text_static = prompts_lib.text_inputs(groups, prompt_syntax, emphasis)
 
         def size(value, name):
             value = (height, width) if value is None else tuple(int(v) for v in value)
@@ -133,7 +132,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         inputs["time_ids"] = np.tile(np.asarray(time_ids, np.float32), (n, 1))
         if cfg:
             inputs["neg_time_ids"] = np.tile(np.asarray(neg_time_ids, np.float32), (n, 1))
-        static = (("zero_negatives", bool(cfg and zero)), ("encoders", len(texts)))
+        static = (("zero_negatives", bool(cfg and zero)), ("encoders", len(texts)), *text_static)
         return PromptInputs(per_prompt=inputs, static=static)
 
     def conditioning(self, static: tuple):
@@ -141,25 +140,35 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         names = self.encoder_names()
 
         def embed(encoders, inputs, prefix):
+            # each encoder chunk by chunk, its own emphasis (as A1111); pooled from text_encoder_2's first chunk
             states, pooled = [], None
             for j, name in enumerate(names):
-                out = encoders[name](inputs[f"{prefix}ids_{j}"], output_hidden_states=True)
-                states.append(out.hidden_states[-2])
-                if out.text_embeds is not None:
-                    pooled = out.text_embeds
+                def run(ids, encoder=encoders[name]):
+                    out = encoder(ids, output_hidden_states=True)
+                    return out.hidden_states[-2], out.text_embeds
+
+                s, p = encode_chunks(run, inputs[f"{prefix}ids_{j}"], inputs.get(f"{prefix}weights_{j}"),
+                                     options["emphasis"])
+                states.append(s)
+                if p is not None:
+                    pooled = p
             return jnp.concatenate(states, axis=-1), pooled
 
         def encode(encoders, inputs, cfg):
             context, pooled = embed(encoders, inputs, "")
-            cond = Conditioning(context=context, added={"text_embeds": pooled, "time_ids": inputs["time_ids"]})
+            mask = inputs.get("mask")
+            cond = Conditioning(context=context, added={"text_embeds": pooled, "time_ids": inputs["time_ids"]},
+                                context_mask=mask)
             if not cfg:
                 return cond, None
-            if options["zero_negatives"]:
-                neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+            if options["zero_negatives"]:  # zero keys and values: the padding chunks do not matter
+                neg_context, neg_pooled, neg_mask = jnp.zeros_like(context), jnp.zeros_like(pooled), mask
             else:
                 neg_context, neg_pooled = embed(encoders, inputs, "neg_")
+                neg_mask = inputs.get("neg_mask")
             return cond, Conditioning(context=neg_context,
-                                      added={"text_embeds": neg_pooled, "time_ids": inputs["neg_time_ids"]})
+                                      added={"text_embeds": neg_pooled, "time_ids": inputs["neg_time_ids"]},
+                                      context_mask=neg_mask)
 
         return encode
 
@@ -198,6 +207,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         refiner: "StableDiffusionXLPipeline | None" = None,
         high_noise_frac: float | None = None,
         refiner_num_inference_steps: int | None = None,
+        prompt_syntax: str = "plain",
+        emphasis: str = "original",
     ) -> PipelineOutput:
         """Generate images; the arguments of `StableDiffusionPipeline.__call__` plus SDXL's.
 
@@ -216,6 +227,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         refiner_num_inference_steps: the length of the refiner's own schedule (default num_inference_steps), of
         which it runs the part after high_noise_frac, as diffusers' refiner called with that num_inference_steps
         and denoising_start=high_noise_frac (40 steps at 0.8: about the last 8).
+        prompt_syntax, emphasis: as `StableDiffusionPipeline.__call__` (both encoders chunked alike, the pooled
+        embedding from the first chunk); the refiner reads the prompts with the same syntax.
         """
         options = dict(
             prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
@@ -223,6 +236,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            prompt_syntax=prompt_syntax, emphasis=emphasis,
         )
         common = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
