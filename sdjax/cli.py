@@ -134,9 +134,16 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
     for k, v in vars(args).items():
         if v is not None and v is not False:
             s[k] = v
-    for flag, name in SAMPLER_FLAGS.items():
-        if s.get(flag):
-            s["sampler"] = name
+    chosen = [flag for flag in SAMPLER_FLAGS if s.get(flag)]
+    if len(chosen) > 1:
+        raise UsageError("--plms and --dpm_solver each choose a sampler: give one of them")
+    if chosen:
+        name = SAMPLER_FLAGS[chosen[0]]
+        if getattr(args, "sampler", None) not in (None, name):
+            raise UsageError(f"--{chosen[0]} chooses {name} but --sampler says {args.sampler}: give one of them")
+        s["sampler"] = name
+    if s.get("prompts_per_batch") is not None and int(s["prompts_per_batch"]) < 1:
+        raise UsageError(f"--prompts-per-batch must be at least 1, got {s['prompts_per_batch']}")
     if s["sampler"] not in SAMPLERS:
         raise UsageError(f"unknown sampler {s['sampler']!r}; valid: {', '.join(SAMPLERS)}")
     for key in ("scale", "strength", "high_noise_frac"):  # NaN would pass every range check below
@@ -208,7 +215,8 @@ def read_prompts(s: dict) -> list[str]:
         if not prompts:
             raise UsageError(f"--from-file {path}: the file has no prompts (one prompt per line)")
         return prompts
-    return [s.get("prompt") or DEFAULT_PROMPT]
+    # CompVis' default prompt only when none is given: an explicit empty prompt is generated as it is (unconditional)
+    return [DEFAULT_PROMPT if s.get("prompt") is None else s["prompt"]]
 
 
 def _check_image(path: str, flag: str):

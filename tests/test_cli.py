@@ -155,6 +155,10 @@ def bad_files(tmp_path):
     ("keep", "--keep"),
     ("init_img", "not an image"),
     ("flag", "unrecognized"),
+    ("scale_nan", "finite number"),
+    ("plms_and_sampler", "give one of them"),
+    ("prompts_per_batch", "--prompts-per-batch"),
+    ("seed", "--seed"),
 ])
 def test_bad_input_one_line_exit_2(case, words, model, bad_files, tmp_path, capsys):
     base = ["txt2img", "--prompt", "x", "--ckpt", str(model), "--outdir", str(tmp_path / "o"), *FAST]
@@ -169,6 +173,10 @@ def test_bad_input_one_line_exit_2(case, words, model, bad_files, tmp_path, caps
         "keep": base + ["--n-candidates", "2", "--keep", "3", "--rerank-model", str(tmp_path)],
         "init_img": ["img2img", "--prompt", "x", "--init-img", bad_files["notimage"], "--ckpt", str(model), *FAST],
         "flag": base + ["--no-such-flag"],
+        "scale_nan": base + ["--scale", "nan"],
+        "plms_and_sampler": base + ["--plms", "--sampler", "euler"],
+        "prompts_per_batch": base + ["--prompts-per-batch", "-1"],
+        "seed": base + ["--seed", str(2**64)],
     }[case]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -220,3 +228,10 @@ def test_prompt_syntax_flag_metadata_and_images(model, tmp_path):
         ours = pipe(prompt, "", height=32, width=48, num_inference_steps=2, guidance_scale=5.0, seed=[3],
                     prompt_syntax="a1111", emphasis=emphasis).images[0]
         assert np.array_equal(np.asarray(ours, np.float32) / 255, runs[name][2])
+
+
+def test_an_empty_prompt_is_kept_not_replaced(model, tmp_path):
+    out = tmp_path / "o"
+    assert cli.main(["txt2img", "--prompt", "", "--ckpt", str(model), "--outdir", str(out), "--n_samples", "1",
+                     "--n_iter", "1", "--skip_grid", *FAST]) == 0
+    assert [r["prompt"] for r in manifest(out)] == [""]

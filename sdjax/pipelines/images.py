@@ -39,23 +39,76 @@ def numpy_to_pil(images: np.ndarray):
     return [Image.fromarray((np.clip(im, 0, 1) * 255).round().astype(np.uint8)) for im in images]
 
 
+def open_image(path, what: str):
+    """A PIL image from a file path; ValueError naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{what}: {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{what}: {path}: not an image PIL can read ({e})") from None
+
+
+def normalise(image, what: str):
+    """One image as the pipelines take it: a path is opened; a PIL image is turned upright by its EXIF orientation
+    and converted to 8-bit RGB with high-bit-depth greyscale (16-bit, 32-bit int, float modes) scaled to its range
+    instead of clipped to white; an integer array is scaled to [0, 1] (uint8 by 255, uint16 by 65535; other
+    integer types refused; an integer mask: non-zero = repaint); a float array is returned as it is."""
+    import os
+
+    from PIL import Image, ImageOps
+
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image, what)
+    if isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(image, np.float64)
+            scale = 255.0 if image.mode == "F" else 65535.0
+            image = Image.fromarray((np.clip(arr / scale, 0, 1) * 255).round().astype(np.uint8), "L")
+        return image.convert("RGB") if image.mode != "RGB" else image
+    arr = np.asarray(image)
+    if what == "mask_image" and (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer)):
+        return (arr > 0).astype(np.float32)  # as diffusers binarises an integer mask: any non-zero value repaints
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{what}: arrays must be floats in [0, 1] (or uint8 / uint16), got {arr.dtype}")
+    return arr
+
+
 def as_arrays(x, n_prompts, what):
-    """PIL image(s) or float array(s) in [0, 1] -> list of (H, W, C) float32 arrays, one per prompt."""
+    """Image(s) -> list of `normalise`d images (8-bit RGB PIL images or float arrays in [0, 1]), one per prompt.
+    x: a PIL image, a file path, an (H, W, C) or (B, H, W, C) array, or a list of them."""
+    import os
+
     from PIL import Image
 
-    if isinstance(x, Image.Image):
+    if isinstance(x, (Image.Image, str, os.PathLike)):
         x = [x]
     elif isinstance(x, (np.ndarray, jax.Array)):
         x = np.asarray(x)
         batched = x.ndim == 4 or (what == "mask_image" and x.ndim == 3 and x.shape[-1] != 1)
         x = list(x) if batched else [x]
     else:
-        x = list(x)
+        try:
+            x = list(x)
+        except TypeError:
+            raise ValueError(f"{what}: expected a PIL image, a file path, an array or a list of them, got "
+                             f"{type(x).__name__}") from None
     if len(x) == 1 and n_prompts > 1:
         x = x * n_prompts
     if len(x) != n_prompts:
         raise ValueError(f"{what}: got {len(x)} images for {n_prompts} prompts; give one, or one per prompt")
-    return x
+    return [normalise(im, what) for im in x]
 
 
 def load_images(image, n_prompts, height, width, f, what):
