@@ -406,7 +406,9 @@ def _check_view(storage: _Storage, offset, size, stride, dtype: np.dtype) -> Ten
 
 class StateDict(Mapping[str, np.ndarray]):
     """`{name: array}` of a checkpoint, lazily: `sd[name]` reads one tensor (a memory-mapped view where the file
-    allows), `sd.shape(name)` and `sd.dtype(name)` read nothing. `metadata`: safetensors `__metadata__` or {}."""
+    allows), `sd.shape(name)` and `sd.dtype(name)` read nothing. `metadata`: safetensors `__metadata__`; for a
+    PyTorch checkpoint the int and str values at its top level (a Lightning file's "epoch", "global_step"), as
+    strings."""
 
     def __init__(self, tensors: Mapping[str, TensorRef], metadata: Mapping[str, str] | None = None, path=None):
         self._refs = dict(tensors)
@@ -889,11 +891,15 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         st = SafetensorsFile(path)
         return StateDict(_safetensors_refs(st), st.metadata, path)
     tree = read_pickle_tree(path)
+    metadata = {}
+    if isinstance(tree, dict):
+        metadata = {k: str(v) for k, v in dict.items(tree)
+                    if isinstance(k, str) and (_is_int(v) or isinstance(v, str)) and not isinstance(v, bool)}
     if isinstance(tree, dict) and isinstance(dict.get(tree, "state_dict"), dict):
         tree = dict.get(tree, "state_dict")
     if not isinstance(tree, (dict, list, tuple)):
         raise CheckpointFormatError(f"{path}: holds a {type(tree).__name__}, not a dict of tensors")
     try:
-        return StateDict(flatten_tensors(tree), {}, path)
+        return StateDict(flatten_tensors(tree), metadata, path)
     except CheckpointFormatError as e:
         raise CheckpointFormatError(f"{path}: {e}") from None

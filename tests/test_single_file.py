@@ -141,6 +141,24 @@ def test_options_and_detection(files, capsys):
         sdjax.StableDiffusionXLPipeline.from_single_file(files["sd1"][1], config=files["sd1"][0])
 
 
+def test_lightning_global_step_tells_sd2_base(files, tmp_path):
+    """diffusers' rule: an SD 2.x file saved at global step 875000 is the 512 epsilon base model."""
+    from safetensors.numpy import load_file
+
+    from sdjax import formats
+    from sdjax.pipelines.single_file import open_single_file
+
+    folder, ckpt = files["sd2"]
+    assert formats.read_state_dict(ckpt).metadata == {"global_step": "12", "epoch": "1"}
+    assert open_single_file(ckpt).detected.config_name == "sd21"  # the documented default: 768 v-prediction
+    state = load_file(str(files["sd2"][0].parent / "sd2.safetensors"))
+    base = tmp_path / "base.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(v.copy()) for k, v in state.items()}, "global_step": 875000},
+               base)
+    detected = open_single_file(base).detected
+    assert (detected.config_name, detected.prediction_type) == ("sd21-base", "epsilon")
+
+
 def test_convert_writes_a_folder_diffusers_and_sdjax_load(files, tmp_path):
     from sdjax.cli import main
 

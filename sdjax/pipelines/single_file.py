@@ -84,7 +84,8 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
     """Read, detect and configure one single-file checkpoint (see `StableDiffusionPipeline.from_single_file`)."""
     path = Path(path).expanduser()
     state = formats.read_state_dict(path)
-    detected = original_layout.detect(original_layout.shapes(state), global_step=_global_step(path))
+    step = state.metadata.get("global_step", "")  # a Lightning .ckpt's (diffusers tells SD 2.x 512-base by it)
+    detected = original_layout.detect(original_layout.shapes(state), global_step=int(step) if step.isdigit() else None)
     if prediction_type is not None and prediction_type not in original_layout.PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(original_layout.PREDICTION_TYPES)}, got "
                          f"{prediction_type!r}")
@@ -113,15 +114,6 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
         shown = ", ".join(unused[:8]) + (f" ... (+{len(unused) - 8} more)" if len(unused) > 8 else "")
         raise ValueError(f"{path}: {len(unused)} keys belong to no part of a {detected.family} checkpoint: {shown}")
     return SingleFileSource(path, configs, views, detected, config_folder)
-
-
-def _global_step(path: Path) -> int | None:
-    """A Lightning checkpoint's `global_step` (diffusers tells SD 2.x 512-base files by it), else None."""
-    if formats.detect_format(path) != "torch-zip":
-        return None
-    tree = formats.read_pickle_tree(path)
-    step = tree.get("global_step") if isinstance(tree, dict) else None
-    return int(step) if isinstance(step, int) or (hasattr(step, "dtype") and getattr(step, "ndim", 1) == 0) else None
 
 
 def _override(configs, *, upcast_attention, image_size):
