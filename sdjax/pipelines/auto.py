@@ -1,4 +1,5 @@
-"""Which pipeline class loads a model: read `model_index.json` and pick the family (SD, SDXL, x4 upscaler)."""
+"""Which pipeline class loads a model. Every family is imported here, so `StableDiffusionPipeline.load` finds the
+subclass whose `accepts(model_index)` is true (SD, SDXL, x4 upscaler) for a folder or a single file."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -7,12 +8,8 @@ from sdjax.pipelines.sd import StableDiffusionPipeline
 from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
 from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
-FAMILIES = (StableDiffusionXLPipeline, StableDiffusionUpscalePipeline, StableDiffusionPipeline)  # first match wins
-
-
-def pipeline_class(index: dict) -> type:
-    """The class that loads a folder with this model_index.json."""
-    return next(klass for klass in FAMILIES if klass.accepts(index))
+__all__ = ["StableDiffusionPipeline", "StableDiffusionUpscalePipeline", "StableDiffusionXLPipeline", "from_pretrained",
+           "from_single_file"]
 
 
 def from_pretrained(path_or_id, dtype=jnp.float32, param_dtype=None, vae_dtype=None, variant=None, mesh=None):

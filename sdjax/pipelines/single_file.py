@@ -97,7 +97,8 @@ def open_single_file(path, *, config=None, prediction_type=None, upcast_attentio
             print(f"sdjax: {path.name}: {detected.how}", file=sys.stderr)
     elif isinstance(config, str) and config in original_layout.CONFIG_NAMES:
         configs = original_layout.builtin_configs(config, prediction_type=prediction_type)
-        if prediction_type is None and "v_pred" in state:  # the file's own marker beats the built-in default
+        # the file's own marker beats the built-in default
+        if prediction_type is None and original_layout.V_PRED_MARKER in state:
             configs = original_layout.builtin_configs(config, prediction_type=detected.prediction_type)
     else:
         if isinstance(config, str) and "/" not in config and not Path(config).expanduser().exists():
