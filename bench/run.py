@@ -3,6 +3,7 @@
     python bench/run.py --rows unet256,text,load --rounds 3 --repeats 3     # some rows
     python bench/run.py                                                      # every row (slow: 512² rows)
     python bench/run.py --rows load_single_safetensors,load_single_ckpt --rounds 3 --repeats 1 --cache /tmp/b
+    python bench/run.py --device gpu --parity                                # the accelerator rows (bench/accelerator.py)
 
 Every measurement runs in its own process (so its peak memory is its own), and the processes alternate between
 sdjax and PyTorch: round 1 sdjax, round 1 PyTorch, round 2 sdjax, ... (`--rounds`). Inside a process a row makes
@@ -576,7 +577,18 @@ def write_doc(results: dict, doc: Path) -> None:
 
 
 def main():
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    known, rest = pre.parse_known_args()
+    if known.device == "gpu":  # the accelerator rows: bench/accelerator.py, with its own options
+        sys.path.insert(0, str(ROOT / "bench"))
+        import accelerator
+
+        sys.exit(accelerator.main(["--device", "gpu", *rest]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="gpu: sdjax vs PyTorch CUDA on the GPU (bench/accelerator.py; its options, e.g. --rows "
+                         "sd15_512_b1 --parity, follow)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}, matmul")
     ap.add_argument("--rounds", type=int, default=2, help="processes per framework, alternating sdjax/PyTorch")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per process after the warm-up call")
