@@ -26,12 +26,14 @@ reported, not checked).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,8 +90,52 @@ def _times(fn, repeats: int) -> list[float]:
 # sdjax side
 
 
+def random_weights(cls, config_name: str, dtype, seed: int):
+    """The network with random weights, made on the default device by small compiled programs, one per shape.
+
+    (flax's own initialisers under one `nnx.jit` took 136 s for SD 1.5 on an H200, mostly compiling; one program
+    filling every parameter compiled for 190 s for the SDXL UNet on the CPU.) Kernels and embeddings ~ N(0, 1/fan_in),
+    each a different window of one random vector; norm scales 1, biases 0: finite, typical activations, and no time
+    spent on statistics that do not change the speed."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(cls.abstract(_config(config_name), dtype=dtype))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    window = 1 << 20
+    pool = jax.random.normal(jax.random.key(seed), (max(x.size for _, x in leaves) + window,), jnp.float32)
+    out = []
+    for i, (path, x) in enumerate(leaves):
+        name = str(path[-1]).lower()
+        kind = "zeros" if "bias" in name else "ones" if "scale" in name else "normal"
+        out.append(_leaf(tuple(x.shape), jnp.dtype(x.dtype).name, kind)(pool, jnp.int32((i * 7919) % window)))
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, out))
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf(shape: tuple, dtype: str, kind: str):
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    size = math.prod(shape)
+    fan_in = math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
+
+    @jax.jit
+    def make(pool, start):
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        return (jax.lax.dynamic_slice(pool, (start,), (size,)).reshape(shape) / math.sqrt(fan_in)).astype(dtype)
+
+    return make
+
+
 def sdjax_pipeline(model: str, dtype):
-    """The real SD 1.5 or SDXL base pipeline with random weights made on the default device (one jitted init)."""
+    """The real SD 1.5 or SDXL base pipeline with random weights made on the default device."""
     import jax
     from flax import nnx
 
@@ -99,20 +145,20 @@ def sdjax_pipeline(model: str, dtype):
     from sdjax.pipelines.sdxl import StableDiffusionXLPipeline
     from sdjax.tokenizer import Tokenizer
 
-    def make(cls, config_name, seed):  # one compiled init: eager init dispatches thousands of small ops
-        return nnx.jit(lambda: cls.from_config(_config(config_name), seed=seed, dtype=dtype))()
-
+    make = functools.partial(random_weights, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(SHIPPED, subfolder="tokenizer")
     if model == "sd15":
         pipe = StableDiffusionPipeline(
-            tokenizer=tokenizer, text_encoder=make(CLIPTextModel, "clip_vit_l14_text.json", 1),
-            vae=make(AutoencoderKL, "sd15_vae.json", 2), unet=make(UNet2DConditionModel, "sd15_unet.json", 3),
+            tokenizer=tokenizer, text_encoder=make(CLIPTextModel, "clip_vit_l14_text.json", seed=1),
+            vae=make(AutoencoderKL, "sd15_vae.json", seed=2), unet=make(UNet2DConditionModel, "sd15_unet.json", seed=3),
             scheduler_config=_scheduler(model), name="sd15-random")
     else:
         pipe = StableDiffusionXLPipeline(
-            tokenizer=tokenizer, text_encoder=make(CLIPTextModel, "clip_vit_l14_text.json", 1),
-            tokenizer_2=tokenizer, text_encoder_2=make(CLIPTextModelWithProjection, "openclip_vit_bigg14_text.json", 4),
-            vae=make(AutoencoderKL, "sdxl_vae.json", 2), unet=make(UNet2DConditionModel, "sdxl_base_unet.json", 3),
+            tokenizer=tokenizer, text_encoder=make(CLIPTextModel, "clip_vit_l14_text.json", seed=1),
+            tokenizer_2=tokenizer,
+            text_encoder_2=make(CLIPTextModelWithProjection, "openclip_vit_bigg14_text.json", seed=4),
+            vae=make(AutoencoderKL, "sdxl_vae.json", seed=2),
+            unet=make(UNet2DConditionModel, "sdxl_base_unet.json", seed=3),
             scheduler_config=_scheduler(model), name="sdxl-random")
     jax.block_until_ready(nnx.state(pipe.unet))
     return pipe
@@ -375,7 +421,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}; empty: none")
     ap.add_argument("--parity", action="store_true", help="check the tiny model's images against the CPU's first")
-    ap.add_argument("--quick", action="store_true", help="every row on the tiny model at 64², 2 steps")
+    ap.add_argument("--quick", action="store_true", help="every row on the tiny model at 64², 2 steps (results in a "
+                    "temporary folder unless --results/--doc are given)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=420, help="seconds for everything; rows past it are not run")
@@ -402,11 +449,13 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown rows: {', '.join(unknown)}")
     dtype = "float32" if args.quick and args.device == "cpu" else args.dtype
+    if args.quick and (args.results, args.doc) == (str(RESULTS), str(DOC)):  # a dry run never touches the tables
+        scratch = Path(tempfile.gettempdir()) / "sdjax-device-check-quick"
+        scratch.mkdir(exist_ok=True)
+        args.results, args.doc = str(scratch / "results.json"), str(scratch / "benchmarks.md")
     results_file = Path(args.results)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     acc = results.setdefault("accelerator", {})
-    if args.quick:  # a dry run never mixes into the measured table
-        acc = results["accelerator"] = {}
     acc["machine"] = machine(args.device)
 
     def save():
