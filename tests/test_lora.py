@@ -138,3 +138,120 @@ def test_kohya_sd1_matches_diffusers(sd1, folders, tmp_path):
     want = theirs(ref)
     assert np.abs(got - base).max() > 0.05  # the adapter matters
     assert np.abs(got - want).max() <= TOL
+
+
+def test_two_adapters_mixed_match_diffusers(sd1, folders, tmp_path):
+    """Two kohya adapters (the second on the UNet's attention only) mixed with weights 0.7 and -0.5."""
+    ref = reference(folders, "sd1")
+    first = sd1_kohya(folders, tmp_path / "first.safetensors", seed=1)
+    second = kohya_file(tmp_path / "second.safetensors",
+                        [("lora_unet_", joined(layers(ref.unet, lambda n: ".attn" in n)))], seed=2, alpha=1.0)
+    sd1.load_lora_weights(first, adapter_name="first")
+    sd1.load_lora_weights(str(second), adapter_name="second")
+    try:
+        assert sd1.get_active_adapters() == ["second"]  # the one loaded last (diffusers' is layer by layer)
+        assert sd1.get_list_adapters() == {"unet": ["first", "second"], "text_encoder": ["first"]}
+        sd1.set_adapters(["first", "second"], adapter_weights=[0.7, -0.5])
+        assert sd1.get_active_adapters() == ["first", "second"]
+        got = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    ref.load_lora_weights(str(first), adapter_name="first")
+    ref.load_lora_weights(str(second), adapter_name="second")
+    ref.set_adapters(["first", "second"], adapter_weights=[0.7, -0.5])
+    want = theirs(ref)
+    assert np.abs(got - want).max() <= TOL
+
+
+def peft_adapter(module, targets, rank, alpha, seed, alpha_pattern=None):
+    """Add a PEFT LoRA to a torch module with random weights; (its state dict, its LoraConfig as a dict)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from peft import inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, alpha_pattern=alpha_pattern or {},
+                        init_lora_weights=False)
+    inject_adapter_in_model(config, module)  # (transformers' add_adapter wants a newer peft)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return get_peft_model_state_dict(module), config.to_dict()
+
+
+def test_peft_format_matches_diffusers(sd1, folders, tmp_path):
+    """A diffusers/PEFT file written by diffusers' save_lora_weights: lora_A/lora_B keys, alpha (and a per-module
+    alpha pattern) from its lora_adapter_metadata."""
+    maker = reference(folders, "sd1")
+    unet_sd, unet_cfg = peft_adapter(
+        maker.unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                     "conv2", "time_emb_proj"], rank=4, alpha=8, seed=3, alpha_pattern={"to_k": 2})
+    te_sd, te_cfg = peft_adapter(maker.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+                                 rank=2, alpha=1, seed=4)
+    folder = tmp_path / "peft"
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, unet_lora_adapter_metadata=unet_cfg,
+        text_encoder_lora_adapter_metadata=te_cfg)
+    sd1.load_lora_weights(folder)
+    try:
+        got = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    ref = reference(folders, "sd1")
+    ref.load_lora_weights(str(folder))
+    want = theirs(ref)
+    assert np.abs(got - want).max() <= TOL
+    assert np.abs(got - ours(sd1)).max() > 0.05
+
+
+RESNET_ORIGINAL = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+                   "conv_shortcut": "skip_connection"}
+
+
+def sgm_name(name: str, up_attention=(True, False), per_level=2) -> str:
+    """A diffusers UNet module path in kohya's SDXL spelling (the original layout, "_"-joined), for the tiny SDXL
+    UNet (layers_per_block 1: two entries per level)."""
+    p = name.split(".")
+    fixed = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding.linear_1": "time_embed_0",
+             "time_embedding.linear_2": "time_embed_2", "add_embedding.linear_1": "label_emb_0_0",
+             "add_embedding.linear_2": "label_emb_0_2"}
+    if name in fixed:
+        return fixed[name]
+    if p[0] == "mid_block":
+        if p[1] == "attentions":
+            return "middle_block_1_" + "_".join(p[3:])
+        return f"middle_block_{2 * int(p[2])}_{RESNET_ORIGINAL[p[3]]}"
+    level = int(p[1])
+    if p[2] == "downsamplers":
+        return f"input_blocks_{1 + level * per_level + per_level - 1}_0_op"
+    if p[2] == "upsamplers":
+        return f"output_blocks_{level * per_level + per_level - 1}_{2 if up_attention[level] else 1}_conv"
+    i = (1 + level * per_level if p[0] == "down_blocks" else level * per_level) + int(p[3])
+    where = "input_blocks" if p[0] == "down_blocks" else "output_blocks"
+    if p[2] == "resnets":
+        return f"{where}_{i}_0_{RESNET_ORIGINAL[p[4]]}"
+    return f"{where}_{i}_1_" + "_".join(p[4:])
+
+
+def test_kohya_sdxl_original_layout_matches_diffusers(sdxl, folders, tmp_path):
+    """kohya SDXL names in the original input_blocks/middle_block/output_blocks layout, both text encoders."""
+    ref = reference(folders, "sdxl")
+    unet = [(sgm_name(n), m) for n, m in layers(ref.unet)]
+    assert any(n.startswith("input_blocks_3_1_transformer_blocks_1") for n, _ in unet)
+    path = kohya_file(tmp_path / "sdxl.safetensors", [
+        ("lora_unet_", unet), ("lora_te1_", joined(layers(ref.text_encoder))),
+        ("lora_te2_", joined(layers(ref.text_encoder_2, lambda n: n != "text_projection")))], seed=5)
+    base = ours(sdxl)
+    sdxl.load_lora_weights(path)
+    try:
+        assert sdxl.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"],
+                                            "text_encoder_2": ["default_0"]}
+        got = ours(sdxl)
+    finally:
+        sdxl.unload_lora_weights()
+    ref.load_lora_weights(str(path))
+    want = theirs(ref)
+    assert np.abs(got - base).max() > 0.05
+    assert np.abs(got - want).max() <= TOL
