@@ -255,3 +255,124 @@ def test_kohya_sdxl_original_layout_matches_diffusers(sdxl, folders, tmp_path):
     want = theirs(ref)
     assert np.abs(got - base).max() > 0.05
     assert np.abs(got - want).max() <= TOL
+
+
+def test_unload_is_exact_and_nothing_recompiles(sd1, folders, tmp_path):
+    """Loading, switching adapters and weights, disabling and unloading only change the weights passed to the
+    compiled program: no new compile, and unloading gives the base weights (the same arrays) and images back."""
+    first = sd1_kohya(folders, tmp_path / "a.safetensors", seed=6)
+    second = sd1_kohya(folders, tmp_path / "b.safetensors", seed=7)
+    base = ours(sd1)  # compiled here (or earlier in the module)
+    state = {k: v for k, v in sd1.adapters().networks.items()}
+    before = {k: jax_leaves(m) for k, m in state.items()}
+    with CompileLog() as log:
+        sd1.load_lora_weights(first, adapter_name="a")
+        a = ours(sd1)
+        sd1.load_lora_weights(second, adapter_name="b")
+        b = ours(sd1)
+        sd1.set_adapters(["a", "b"], [0.7, -0.5])
+        mixed = ours(sd1)
+        sd1.set_adapters("a", 0.3)
+        a03 = ours(sd1)
+        sd1.set_adapters(["a"], [{"unet": 1.0, "text_encoder": 0.0}])
+        unet_only = ours(sd1)
+        sd1.disable_lora()
+        disabled = ours(sd1)
+        sd1.enable_lora()
+        again = ours(sd1)
+        sd1.delete_adapters("a")
+        assert sd1.get_list_adapters() == {"unet": ["b"], "text_encoder": ["b"]} and sd1.get_active_adapters() == []
+        sd1.unload_lora_weights()
+        after = ours(sd1)
+    assert log.count == 0
+    images = [a, b, mixed, a03, unet_only]
+    assert all(np.abs(x - y).max() > 1e-2 for i, x in enumerate([base] + images) for y in images[i:] if x is not y)
+    assert np.array_equal(disabled, base) and np.array_equal(again, unet_only) and np.array_equal(after, base)
+    after_leaves = {k: jax_leaves(m) for k, m in state.items()}
+    for k in before:
+        assert all(x is y for x, y in zip(before[k], after_leaves[k])), k  # the original arrays themselves
+    assert sd1.get_active_adapters() == [] and sd1.get_list_adapters() == {}
+
+
+def jax_leaves(module):
+    from flax import nnx
+
+    return [v.get_value() for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))]
+
+
+def test_per_module_alpha_and_unprefixed_names(sd1, folders, tmp_path):
+    """alpha / rank per module: a file with alphas 1..4 gives the images of one whose up weights carry the scale and
+    have no alpha (scale 1)."""
+    from safetensors.torch import load_file
+
+    path = kohya_file(tmp_path / "alphas.safetensors", [("lora_unet_", joined(layers(reference(folders, "sd1").unet)))],
+                      seed=8, alpha=None)
+    sd = load_file(str(path))
+    scaled = {}
+    for key, value in sd.items():
+        name, _, part = key.partition(".")
+        if part == "lora_up.weight":
+            scaled[key] = value * (sd[f"{name}.alpha"] / sd[f"{name}.lora_down.weight"].shape[0])
+        elif part != "alpha":
+            scaled[key] = value
+    sd1.load_lora_weights(path)
+    try:
+        with_alpha = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    sd1.load_lora_weights({k: v.numpy() for k, v in scaled.items()})
+    try:
+        prescaled = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    assert np.abs(with_alpha - ours(sd1)).max() > 0.05
+    assert np.abs(with_alpha - prescaled).max() <= 1e-5
+
+
+@pytest.mark.parametrize("case,message", [
+    ("not_lora", "not a LoRA/LyCORIS file"),
+    ("dora", "DoRA (dora_scale) adapters are not supported"),
+    ("peft_dora", "DoRA (lora_magnitude_vector)"),
+    ("oft", "OFT adapters are not supported"),
+    ("unknown_module", "2 modules match no layer of this pipeline: lora_unet_down_blocks_0_resnets_9_conv1, "
+                       "lora_unet_down_blocks_7_resnets_0_conv1"),
+    ("te2_on_sd1", "changes text_encoder_2, which this pipeline does not have"),
+    ("wrong_shape", "adapter shapes do not fit the model"),
+    ("missing_up", "missing lora_up.weight"),
+    ("stray_key", "keys that belong to no network: model.diffusion_model.x"),
+    ("pickle", "cannot read LoRA file"),
+])
+def test_bad_files_give_one_line_errors(sd1, tmp_path, case, message):
+    down, up = torch.zeros(2, 32, 3, 3), torch.zeros(32, 2, 1, 1)
+    lora = {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": down,
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": up}
+    files = {
+        "not_lora": {"model.diffusion_model.x": torch.zeros(2)},
+        "dora": {**lora, "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1, 32, 1, 1)},
+        "peft_dora": {"unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3),
+                      "unet.conv_in.lora_B.weight": torch.zeros(32, 2, 1, 1),
+                      "unet.conv_in.lora_magnitude_vector": torch.zeros(32)},
+        "oft": {"lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks": torch.zeros(4, 8, 8)},
+        "unknown_module": {**lora, **{k.replace("blocks_0", "blocks_7"): v for k, v in lora.items()},
+                           **{k.replace("resnets_0", "resnets_9"): v for k, v in lora.items()}},
+        "te2_on_sd1": {k.replace("lora_unet_down_blocks_0_resnets_0_conv1", "lora_te2_text_model_encoder_layers_0_"
+                                 "mlp_fc1"): v for k, v in lora.items()},
+        "wrong_shape": {**lora, "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(64, 2, 1, 1)},
+        "missing_up": {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": down},
+        "stray_key": {**lora, "model.diffusion_model.x": torch.zeros(2)},
+    }
+    path = tmp_path / f"{case}.safetensors"
+    if case == "pickle":
+        import pickle
+
+        path = tmp_path / "evil.pt"
+        path.write_bytes(pickle.dumps({"a": 1}))
+    else:
+        save_file({k: v.clone() for k, v in files[case].items()}, str(path))
+    leaves = jax_leaves(sd1.unet)
+    with pytest.raises(ValueError) as e:
+        sd1.load_lora_weights(path)
+    text = str(e.value)
+    assert message in text and "\n" not in text, text
+    assert all(x is y for x, y in zip(leaves, jax_leaves(sd1.unet)))  # nothing changed
+    assert sd1.get_list_adapters() == {}

@@ -140,9 +140,10 @@ class Patch:
     layout: str
     factors: Factors
     scale: float
+    label: str = ""  # the module as the file names it, for messages
 
     def describe(self) -> str:
-        return f"{self.component}:{self.name}"
+        return self.label or f"{self.component}.{self.name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +245,7 @@ def _kohya(state: Mapping[str, np.ndarray], source: str) -> list[Patch]:
     for key in state:
         name, _, part = key.partition(".")
         groups.setdefault(name, {})[part] = key
-    unknown = [k for k in groups if not k.startswith(tuple(p for p, _ in KOHYA_PREFIXES))]
+    unknown = [k for k in state if not k.startswith(tuple(p for p, _ in KOHYA_PREFIXES))]
     if unknown:
         raise AdapterFormatError(f"{source}: keys that belong to no network: {_first(unknown)}")
     refused = {_OTHER_KINDS[p] for parts in groups.values() for p in parts if p in _OTHER_KINDS}
@@ -263,7 +264,7 @@ def _kohya(state: Mapping[str, np.ndarray], source: str) -> list[Patch]:
             raise AdapterFormatError(f"{source}: module {name} has unknown adapter tensors ({what})")
         values = {kinds[0][p]: _f32(state[k]) for p, k in parts.items() if p != "alpha"}
         factors = _factors(kinds[0], values, f"{source}: module {name}")
-        patches.append(Patch(component, name[len(prefix):], KOHYA, factors, _scale(alpha, factors.rank)))
+        patches.append(Patch(component, name[len(prefix):], KOHYA, factors, _scale(alpha, factors.rank), name))
     return patches
 
 
@@ -377,7 +378,7 @@ def _dotted(state: Mapping[str, np.ndarray], metadata: dict, source: str) -> lis
         scale = _scale(alpha, factors.rank)
         if alpha is None and component in config:
             scale = config[component].scale(module, factors.rank)
-        patches.append(Patch(component, module, DOTTED, factors, scale))
+        patches.append(Patch(component, module, DOTTED, factors, scale, f"{component}.{module}"))
     return patches
 
 
