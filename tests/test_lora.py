@@ -376,3 +376,88 @@ def test_bad_files_give_one_line_errors(sd1, tmp_path, case, message):
     assert message in text and "\n" not in text, text
     assert all(x is y for x, y in zip(leaves, jax_leaves(sd1.unet)))  # nothing changed
     assert sd1.get_list_adapters() == {}
+
+
+# -- LyCORIS against its definition ------------------------------------------------------------------------------------
+
+
+def lycoris_modules(gen, r=3):
+    """(kohya module prefix + name, torch module path, {part: tensor}, reference delta) for LoHa, LoKr and Tucker
+    LoCon on Linear and 3x3 Conv layers of the tiny SD1 UNet and its text encoder. The reference deltas follow the
+    LyCORIS definitions (lycoris/functional/loha.py, lokr.py, general.py) as A1111 and ComfyUI apply them:
+    LoHa (w1a w1b) * (w2a w2b) (Tucker: einsum('ijkl,jr,ip->prkl', t, wb, wa)), LoKr kron(w1, w2), Tucker LoCon
+    einsum('mnkl,im,nj->ijkl', mid, up, down); times alpha / rank (LoKr without alpha: 1)."""
+    def rnd(*shape, std=0.3):
+        return torch.randn(*shape, generator=gen) * std
+
+    def tucker(t, wb, wa):
+        return torch.einsum("i j k l, j r, i p -> p r k l", t, wb, wa)
+
+    out = []
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    # LoHa on a Linear (64 x 64)
+    p = dict(hada_w1_a=rnd(64, r), hada_w1_b=rnd(r, 64), hada_w2_a=rnd(64, r), hada_w2_b=rnd(r, 64),
+             alpha=torch.tensor(2.0))
+    out.append(("lora_unet_", f"{attn}.to_q", p, (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+                * 2.0 / r))
+    # LoHa on a 3x3 conv, factors flattened over in x kh x kw
+    p = dict(hada_w1_a=rnd(32, r), hada_w1_b=rnd(r, 32 * 9), hada_w2_a=rnd(32, r), hada_w2_b=rnd(r, 32 * 9),
+             alpha=torch.tensor(1.5))
+    out.append(("lora_unet_", "down_blocks.0.resnets.0.conv1", p,
+                ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(32, 32, 3, 3)
+                * 1.5 / r))
+    # LoHa with Tucker cores on a 3x3 conv (32 -> 64)
+    p = dict(hada_t1=rnd(r, r, 3, 3), hada_w1_a=rnd(r, 64), hada_w1_b=rnd(r, 32), hada_t2=rnd(r, r, 3, 3),
+             hada_w2_a=rnd(r, 64), hada_w2_b=rnd(r, 32), alpha=torch.tensor(1.0))
+    out.append(("lora_unet_", "down_blocks.1.resnets.0.conv1", p,
+                tucker(p["hada_t1"], p["hada_w1_b"], p["hada_w1_a"]) * tucker(p["hada_t2"], p["hada_w2_b"],
+                                                                               p["hada_w2_a"]) / r))
+    # LoKr on a Linear: w1 full, w2 = w2a w2b (rank: w2b's)
+    p = dict(lokr_w1=rnd(8, 8), lokr_w2_a=rnd(8, r), lokr_w2_b=rnd(r, 8), alpha=torch.tensor(2.0))
+    out.append(("lora_unet_", f"{attn}.to_k", p, torch.kron(p["lokr_w1"], p["lokr_w2_a"] @ p["lokr_w2_b"]) * 2.0 / r))
+    # LoKr on a 3x3 conv: w1 = w1a w1b (rank: w1b's), w2 full (8, 8, 3, 3)
+    p = dict(lokr_w1_a=rnd(4, r), lokr_w1_b=rnd(r, 4), lokr_w2=rnd(8, 8, 3, 3), alpha=torch.tensor(1.0))
+    out.append(("lora_unet_", "down_blocks.0.resnets.0.conv2", p,
+                torch.kron((p["lokr_w1_a"] @ p["lokr_w1_b"])[:, :, None, None], p["lokr_w2"]) / r))
+    # LoKr with a Tucker core on a 3x3 conv (96 -> 32)
+    p = dict(lokr_w1=rnd(4, 8), lokr_t2=rnd(r, r, 3, 3), lokr_w2_a=rnd(r, 8), lokr_w2_b=rnd(r, 12),
+             alpha=torch.tensor(3.0))
+    w2 = torch.einsum("i j k l, i p, j r -> p r k l", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+    out.append(("lora_unet_", "up_blocks.1.resnets.0.conv1", p,
+                torch.kron(p["lokr_w1"][:, :, None, None], w2.contiguous()) * 3.0 / r))
+    # LoKr with both factors full and no alpha (scale 1) on the text encoder's fc1 (37 x 32; 37 is prime)
+    p = dict(lokr_w1=rnd(1, 2), lokr_w2=rnd(37, 16, std=0.1))
+    out.append(("lora_te_", "text_model.encoder.layers.0.mlp.fc1", p, torch.kron(p["lokr_w1"], p["lokr_w2"])))
+    # LoCon with a Tucker core (lora_mid) on a 3x3 conv (64 -> 64)
+    p = {"lora_down.weight": rnd(r, 64, 1, 1), "lora_mid.weight": rnd(r, r, 3, 3), "lora_up.weight": rnd(64, r, 1, 1),
+         "alpha": torch.tensor(2.0)}
+    out.append(("lora_unet_", "down_blocks.1.resnets.0.conv2", p,
+                torch.einsum("m n k l, i m, n j -> i j k l", p["lora_mid.weight"], p["lora_up.weight"][:, :, 0, 0],
+                             p["lora_down.weight"][:, :, 0, 0]) * 2.0 / r))
+    return out
+
+
+def test_lycoris_loha_lokr_match_their_definition(sd1, folders, tmp_path):
+    """LoHa, LoKr (full, factored and Tucker parts) and Tucker LoCon, from a PyTorch `.pt` file (read without
+    torch): sdjax's images equal diffusers' with the merged weights computed in PyTorch from the definition."""
+    modules = lycoris_modules(torch.Generator().manual_seed(9))
+    state = {f"{prefix}{name.replace('.', '_')}.{part}": t for prefix, name, parts, _ in modules
+             for part, t in parts.items()}
+    path = tmp_path / "lycoris.pt"
+    torch.save(state, str(path))
+    sd1.load_lora_weights(path, adapter_name="lycoris")
+    try:
+        got = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    ref = reference(folders, "sd1")
+    with torch.no_grad():
+        for prefix, name, _, d in modules:
+            network = ref.unet if prefix == "lora_unet_" else ref.text_encoder
+            weight = network.get_submodule(name.removeprefix("text_model.") if not hasattr(network, "text_model")
+                                           else name).weight
+            assert weight.shape == d.shape, name
+            weight += d
+    want = theirs(ref)
+    assert np.abs(got - ours(sd1)).max() > 0.05
+    assert np.abs(got - want).max() <= TOL
