@@ -461,3 +461,44 @@ def test_lycoris_loha_lokr_match_their_definition(sd1, folders, tmp_path):
     want = theirs(ref)
     assert np.abs(got - ours(sd1)).max() > 0.05
     assert np.abs(got - want).max() <= TOL
+
+
+# -- command line ------------------------------------------------------------------------------------------------------
+
+
+def test_cli_lora_flag(sd1, folders, tmp_path, capsys):
+    """`--lora FILE[:WEIGHT]` (repeatable) gives the library's images with set_adapters; PNG `Lora hashes` and the
+    manifest record the adapters; a missing file or a bad weight is one line and exit code 2."""
+    import hashlib
+
+    from PIL import Image
+
+    from sdjax import cli
+
+    first = sd1_kohya(folders, tmp_path / "first.safetensors", seed=10)
+    second = sd1_kohya(folders, tmp_path / "second.safetensors", seed=11)
+    out = tmp_path / "out"
+    common = ["txt2img", "--prompt", "a cat", "--ckpt", str(folders["sd1"]), "--n_samples", "1", "--n_iter", "1",
+              "--H", "32", "--W", "32", "--ddim_steps", "2", "--scale", "5", "--skip_grid"]
+    assert cli.main([*common, "--outdir", str(out), "--lora", f"{first}:0.7", "--lora", str(second)]) == 0
+    png = Image.open(next((out / "samples").glob("*.png")))
+    sd1.load_lora_weights(first, adapter_name="first")
+    sd1.load_lora_weights(second, adapter_name="second")
+    try:
+        sd1.set_adapters(["first", "second"], [0.7, 1.0])
+        want = sd1("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=42).images[0]
+    finally:
+        sd1.unload_lora_weights()
+    assert np.abs(np.asarray(png, np.int16) - np.asarray(want, np.int16)).max() <= 1
+    data = second.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    assert f'Lora hashes: "first: ' in png.text["parameters"] and f"second: {addnet}" in png.text["parameters"]
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert [(r["file"], r["weight"]) for r in record["loras"]] == [("first.safetensors", 0.7),
+                                                                   ("second.safetensors", 1.0)]
+    capsys.readouterr()
+    for flag, message in ((str(tmp_path / "none.safetensors"), "no such file"), (f"{first}:abc", "must be a number"),
+                          (str(tmp_path / "out" / "manifest.jsonl"), "cannot read LoRA file")):
+        assert cli.main([*common, "--outdir", str(tmp_path / "bad"), "--lora", flag]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
