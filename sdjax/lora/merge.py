@@ -21,6 +21,8 @@ from sdjax.loading import CONV
 from sdjax.lora.formats import COMPONENTS, AdapterFile, Factors, LoHa, LoKr, LoRA
 from sdjax.lora.targets import Target, Targets, is_abstract
 
+MERGE_PROGRAMS = 4  # compiled merges kept (one per set of active adapters and the weights they touch)
+
 
 # -- the deltas ------------------------------------------------------------------------------------------------------
 
@@ -208,7 +210,9 @@ class Adapters:
             if program is None:
                 shardings = {s.target.key: self.base[s.target.key].sharding for s in steps}
                 program = jax.jit(lambda *a: _merge(steps, *a), out_shardings=shardings)
-                self._programs = {steps: program}  # the previous merge program is dropped
+                if len(self._programs) >= MERGE_PROGRAMS:  # keep the last few: switching back and forth compiles once
+                    self._programs.pop(next(iter(self._programs)))
+                self._programs[steps] = program
             base = {s.target.key: self.base[s.target.key] for s in steps}
             patches = tuple({k: a.patches[k] for k in a.targets if k in base} for a, _ in active)
             weights = tuple({c: np.float32(v) for c, v in w.items()} for _, w in active)
