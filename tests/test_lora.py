@@ -502,3 +502,36 @@ def test_cli_lora_flag(sd1, folders, tmp_path, capsys):
         assert cli.main([*common, "--outdir", str(tmp_path / "bad"), "--lora", flag]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_old_diffusers_names_match_diffusers(sd1, folders, tmp_path):
+    """The older diffusers names: `unet.<path>.processor.to_q_lora.down.weight`, `text_encoder.<path>.to_q_lora...`
+    and `...mlp.fc1.lora_linear_layer.down.weight`."""
+    ref = reference(folders, "sd1")
+    gen = torch.Generator().manual_seed(12)
+    proj = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+    sd = {}
+    for name, layer in layers(ref.unet, lambda n: ".attn" in n):
+        head, _, tail = name.rpartition(".attn")
+        attn, _, which = tail.partition(".")
+        down, up = lora_pair(layer, 4, gen)
+        key = f"unet.{head}.attn{attn}.processor.{proj[which]}"
+        sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
+    te_proj = {"q_proj": "to_q_lora", "k_proj": "to_k_lora", "v_proj": "to_v_lora", "out_proj": "to_out_lora"}
+    for name, layer in layers(ref.text_encoder):
+        down, up = lora_pair(layer, 2, gen)
+        head, _, last = name.rpartition(".")
+        key = (f"text_encoder.{head}.{te_proj[last]}" if last in te_proj else f"text_encoder.{name}.lora_linear_layer")
+        key = key.replace("text_encoder.encoder.", "text_encoder.text_model.encoder.")
+        sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
+    path = tmp_path / "old.safetensors"
+    save_file(sd, str(path))
+    sd1.load_lora_weights(path)
+    try:
+        got = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    ref.load_lora_weights(str(path))
+    want = theirs(ref)
+    assert np.abs(got - ours(sd1)).max() > 0.05
+    assert np.abs(got - want).max() <= TOL
