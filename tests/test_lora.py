@@ -284,7 +284,9 @@ def test_unload_is_exact_and_nothing_recompiles(sd1, folders, tmp_path):
         assert sd1.get_list_adapters() == {"unet": ["b"], "text_encoder": ["b"]} and sd1.get_active_adapters() == []
         sd1.unload_lora_weights()
         after = ours(sd1)
-    assert log.count == 0
+        assert log.count == 0
+        sd1(["x"], height=H, width=W, num_inference_steps=STEPS, output_type="latent")  # a new plan: the log sees it
+    assert log.count == 1
     images = [a, b, mixed, a03, unet_only]
     assert all(np.abs(x - y).max() > 1e-2 for i, x in enumerate([base] + images) for y in images[i:] if x is not y)
     assert np.array_equal(disabled, base) and np.array_equal(again, unet_only) and np.array_equal(after, base)
