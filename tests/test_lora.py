@@ -537,3 +537,22 @@ def test_old_diffusers_names_match_diffusers(sd1, folders, tmp_path):
     want = theirs(ref)
     assert np.abs(got - ours(sd1)).max() > 0.05
     assert np.abs(got - want).max() <= TOL
+
+
+def test_sdxl_refiner_takes_unet_and_text_encoder_2(tmp_path):
+    """The refiner has text_encoder_2 only: a kohya SDXL file for its UNet and lora_te2_ changes exactly the named
+    weights; one with lora_te1_ keys is refused in one line."""
+    folder = build_sdxl(tmp_path / "refiner", refiner=True)
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
+    unet = [(sgm_name(n), m) for n, m in layers(ref.unet, lambda n: "attentions" in n or "resnets" in n)]
+    te2 = joined(layers(ref.text_encoder_2))
+    path = kohya_file(tmp_path / "refiner.safetensors", [("lora_unet_", unet), ("lora_te2_", te2)], seed=13)
+    before = {k: jax_leaves(m) for k, m in (("unet", pipe.unet), ("text_encoder_2", pipe.text_encoder_2))}
+    pipe.load_lora_weights(path)
+    changed = {k: sum(x is not y for x, y in zip(v, jax_leaves(getattr(pipe, k)))) for k, v in before.items()}
+    assert changed == {"unet": len(unet), "text_encoder_2": len(te2)}
+    pipe.unload_lora_weights()
+    te1 = kohya_file(tmp_path / "te1.safetensors", [("lora_te1_", te2[:1])])
+    with pytest.raises(ValueError, match="changes text_encoder, which this pipeline does not have"):
+        pipe.load_lora_weights(te1)
