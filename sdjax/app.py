@@ -93,6 +93,63 @@ def model_hash(path) -> str | None:
     return digest.hexdigest()[:10]
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`FILE[:WEIGHT]` (weight 1 when not given) -> (file, weight); a file whose own name has a colon is taken whole."""
+    import math
+
+    path, weight = str(spec), 1.0
+    if not Path(path).expanduser().exists() and ":" in path:
+        head, _, tail = path.rpartition(":")
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise UsageError(f"--lora {spec}: the weight after ':' must be a number") from None
+        path = head
+    if not math.isfinite(weight):
+        raise UsageError(f"--lora {spec}: the weight must be a finite number")
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"--lora {spec}: no such file")
+    return path, weight
+
+
+def lora_hash(path) -> str:
+    """A1111's hash of a LoRA file in `Lora hashes` (kohya's / AddNet's): the first 12 hex digits of the SHA-256 of a
+    safetensors file's tensor data (its header left out), of the whole file otherwise."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors" and len(head) == 8:
+            f.seek(8 + int.from_bytes(head, "little"))
+        else:
+            f.seek(0)
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def apply_loras(pipe, specs) -> tuple[tuple[str, float, str], ...]:
+    """Load every `FILE[:WEIGHT]` of `specs` into `pipe` and activate them all with their weights; ((file name,
+    weight, A1111 hash), ...) for the image metadata."""
+    loaded, names = [], []
+    for spec in specs:
+        path, weight = parse_lora(spec)
+        name = Path(path).stem or "lora"
+        while name in names:
+            name += "_"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--lora {spec}: {one_line(e)}") from None
+        names.append(name)
+        loaded.append((Path(path).name, weight, lora_hash(path)))
+    if names:
+        pipe.set_adapters(names, [w for _, w, _ in loaded])
+    return tuple(loaded)
+
+
 def mesh_devices(mesh):
     """`mesh: {data: N}` in a run config: the first N devices (-1 or "all": every device)."""
     import jax

@@ -63,6 +63,14 @@ class RunSpec:
     high_noise_frac: float | None = None
     prompt_syntax: str = "plain"  # how the prompts are read (sdjax.prompts): "plain" or "a1111"
     emphasis: str = "original"  # A1111's emphasis mode, with prompt_syntax "a1111"
+    loras: tuple = ()  # ((file name, weight, A1111 hash), ...) of the adapters merged into the model
+
+    def lora_fields(self) -> dict:
+        """The manifest's `loras` and A1111's `Lora hashes` (none without adapters)."""
+        if not self.loras:
+            return {}
+        return dict(lora_hashes='"' + ", ".join(f"{Path(n).stem}: {h}" for n, _, h in self.loras) + '"',
+                    loras=[dict(file=n, weight=w, hash=h) for n, w, h in self.loras])
 
     def run_id(self) -> str:
         """Same settings -> same id, so `resume` knows which saved images belong to this run."""
@@ -72,6 +80,8 @@ class RunSpec:
                 del fields[k]
         if self.model_hash is None:  # likewise runs of a folder model
             del fields["model_hash"]
+        if not self.loras:  # and runs without adapters
+            del fields["loras"]
         if self.prompt_syntax == "plain" and self.emphasis == "original":  # and runs of literal prompts
             del fields["prompt_syntax"], fields["emphasis"]
         blob = json.dumps(fields, sort_keys=True)
@@ -100,7 +110,7 @@ A1111_NAMES = {
     "batch_position": "Batch pos", "refiner": "Refiner", "high_noise_frac": "Refiner switch at",
     "refiner_steps": "Refiner steps", "refiner_mode": "Refiner mode", "refiner_strength": "Refiner strength",
     "noise_level": "Noise level", "init_image": "Init image", "tile_size": "Tile size", "clip_score": "CLIP score",
-    "model_hash": "Model hash", "emphasis": "Emphasis",
+    "model_hash": "Model hash", "emphasis": "Emphasis", "lora_hashes": "Lora hashes",
 }
 EMPHASIS_NAMES = {"original": "Original", "none": "No norm"}  # A1111's names of its emphasis modes
 
@@ -360,6 +370,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                     run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
                     **syntax_fields(spec.prompt_syntax, spec.emphasis),
                     clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
+                    **spec.lora_fields(),
                     **({"process": process} if n_processes > 1 else {}))
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
                 record["file"] = str(path.relative_to(outdir))

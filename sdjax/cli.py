@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import HIGH_NOISE_FRAC, UsageError, default_model, load_pipeline, model_hash, one_line
+from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, load_pipeline, model_hash,
+                       one_line)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
 SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
@@ -61,6 +62,9 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--ckpt", help="a diffusers pipeline folder, hub id, or single-file checkpoint (.safetensors, "
                                   ".ckpt: read without running pickled code) (default: the shipped model)")
     _add_single_file_flags(p)
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA / LyCORIS file (kohya, diffusers/PEFT, LoHa, LoKr) and its weight (default 1); "
+                        "repeat for several")
     p.add_argument("--precision", choices=["full", "autocast"],
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     p.add_argument("--config", help="a YAML run config; flags given here override its values")
@@ -103,7 +107,7 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
-    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis",
+    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora",
 }
 
 
@@ -280,6 +284,8 @@ def cmd_generate(args, mode: str) -> int:
 
     if isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt} is an x4 upscaler: use sdjax upscale --init-img ...")
+    lora = s.get("lora") or []
+    loras = apply_loras(pipe, [lora] if isinstance(lora, str) else lora)
     refiner = load_refiner(s, pipe, precision) if s.get("refiner") else None
     f = pipe.vae_scale_factor
     for key in ("H", "W"):
@@ -306,7 +312,7 @@ def cmd_generate(args, mode: str) -> int:
         model_hash=model_hash(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
-        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"],
+        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"], loras=loras,
         **({} if refiner is None else dict(
             refiner=Path(str(s["refiner"])).name or str(s["refiner"]), high_noise_frac=s["high_noise_frac"],
             refiner_steps=int(s.get("refiner_steps") or s["ddim_steps"]))),

@@ -447,6 +447,19 @@ def _unet_table(keys: list[str], family: str) -> dict[str, Ref]:
     return table
 
 
+UNET_RESNET_LAYERS = tuple(_UNET_RESNET)  # a resnet entry's layers in the original layout ("in_layers.2", ...)
+
+
+def unet_module_name(original: str, layers_per_block: int, *, sdxl: bool) -> str | None:
+    """The diffusers module path of a UNet module named in the original layout, relative to `model.diffusion_model.`
+    ("input_blocks.4.1.proj_in" -> "down_blocks.1.attentions.0.proj_in", "out.2" -> "conv_out"); None where the name
+    is no module of that layout. What follows an attention entry is passed through as it is (its names are already
+    diffusers'). sdxl: `label_emb.0.*` is SDXL's add-embedding."""
+    fixed = dict(_UNET_FIXED, **(_SDXL_ADD_EMBEDDING if sdxl else {}))
+    name = _unet_name(original + ".weight", layers_per_block + 1, fixed)
+    return None if name is None else name[:-len(".weight")]
+
+
 def _unet_name(rel: str, per_level: int, fixed: Mapping[str, str]) -> str | None:
     head, _, param = rel.rpartition(".")
     if head in fixed:

@@ -299,3 +299,40 @@ def nchw(a):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+class CompileLog:
+    """Counts XLA compilations of the pipeline program (jit(generate)) while installed (a context manager)."""
+
+    def __init__(self):
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(inner, record):
+                if record.getMessage().startswith("Finished XLA compilation of jit(generate)"):
+                    self.count += 1
+
+        self.count = 0
+        self._handler = Handler()
+
+    def __enter__(self):
+        import logging
+
+        import jax
+
+        logger = logging.getLogger("jax")
+        self._level = logger.level
+        logger.addHandler(self._handler)
+        logger.setLevel(logging.DEBUG)
+        jax.config.update("jax_log_compiles", True)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        import jax
+
+        jax.config.update("jax_log_compiles", False)
+        logger = logging.getLogger("jax")
+        logger.removeHandler(self._handler)
+        logger.setLevel(self._level)

@@ -20,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdjax import samplers as samplers_lib
 from sdjax.distributed import data_mesh
+from sdjax.lora import formats as lora_formats
+from sdjax.lora.merge import Adapters
+from sdjax.lora.targets import Targets, unet_layout
 from sdjax.models.layers import Attention
 from sdjax.pipelines import images as images_lib
 from sdjax.pipelines.noise import image_keys
@@ -126,6 +129,7 @@ class DiffusionPipeline:
         self._replicated = NamedSharding(self.mesh, P())
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Plan, Any] = {}
+        self._adapters: Adapters | None = None  # made by the first load_lora_weights
         # shape-only modules (`PretrainedModel.abstract`) get the sharding only: such a pipeline can be lowered and
         # compiled, not run (bench/sdxl_memory.py reads the compiled program's memory without any weights)
         place = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
@@ -174,6 +178,71 @@ class DiffusionPipeline:
         self.vae_tiling = on
         self.vae_tile_size = None if tile_size is None else int(tile_size)
         self._programs.clear()
+
+    # -- LoRA / LyCORIS adapters (diffusers' names) -----------------------------------------------------------------
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          weight_name: str | None = None) -> None:
+        """Load a LoRA / LyCORIS adapter into the UNet and text encoders and make it the active one (weight 1).
+
+        The source: a file (`.safetensors`, or `.pt`/`.ckpt`/`.bin` read without running pickled code), a folder
+        (`weight_name`, else `pytorch_lora_weights.safetensors`), or a dict {key: numpy array} in the file's layout.
+        Formats (detected from the keys): kohya/LyCORIS `lora_unet_*`/`lora_te*_*` (LoRA, LoCon, LoHa, LoKr; SDXL
+        names in the original `input_blocks` layout too) and diffusers/PEFT `unet.*`/`text_encoder*.*`. Several
+        adapters can be loaded (names default to "default_0", "default_1", ...); `set_adapters` mixes them. The
+        merged weights are computed on the devices; the compiled generation program is reused as it is.
+        """
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            adapter = lora_formats.parse(source, {}, source="adapter dict")
+        else:
+            adapter = lora_formats.read_adapter(source, weight_name)
+        self.adapters().load(adapter, adapter_name)
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Activate the loaded adapters `adapter_names` (a name or a list) with `adapter_weights` (one number, or
+        one per adapter; a number may be {"unet": w, "text_encoder": w, "text_encoder_2": w}; default 1)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, (list, tuple)):
+            weights = list(adapter_weights)
+        else:
+            weights = [adapter_weights] * len(names)
+        self.adapters().set_active(names, weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self._adapters.active_names() if self._adapters else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """{component: names of the loaded adapters that change it}."""
+        return self._adapters.list_adapters() if self._adapters else {}
+
+    def delete_adapters(self, adapter_names) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.adapters().delete(names)
+
+    def disable_lora(self) -> None:
+        """Base weights back (bit-exactly), adapters kept: `enable_lora` merges them again."""
+        if self._adapters:
+            self._adapters.set_enabled(False)
+
+    def enable_lora(self) -> None:
+        if self._adapters:
+            self._adapters.set_enabled(True)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the touched weights get their original arrays back (bit-exactly)."""
+        if self._adapters:
+            self._adapters.unload()
+
+    def adapters(self) -> Adapters:
+        """The pipeline's adapter state (`sdjax.lora.merge.Adapters`), made on first use."""
+        if self._adapters is None:
+            networks = {"unet": self.unet, **self.text_encoders()}
+            layers_per_block, sdxl = unet_layout(self.unet)
+            self._adapters = Adapters(networks, Targets(networks, layers_per_block=layers_per_block, sdxl=sdxl))
+        return self._adapters
 
     # -- one call ----------------------------------------------------------------------------------------------------
 
