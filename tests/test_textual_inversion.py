@@ -26,8 +26,11 @@ from sdjax.pipelines import noise  # noqa: E402
 from sdjax.pipelines.textual_inversion import ROOM  # noqa: E402
 from sdjax.tokenizer import Tokenizer  # noqa: E402
 
-from pipeline_fixtures import (build_pipeline, build_sdxl, nchw, patch_noise, pil_image, quick_compiles,  # noqa: E402
-                               sdjax_noise, smooth_image)
+from PIL import Image  # noqa: E402
+
+from sdjax import cli  # noqa: E402
+from pipeline_fixtures import (box_mask, build_pipeline, build_sdxl, build_upscaler, diffusers_scheduler,  # noqa: E402
+                               nchw, patch_noise, pil_image, quick_compiles, sdjax_noise, smooth_image)
 
 H, W = 32, 32
 LATENT = (H // 2, W // 2, 4)
@@ -186,6 +189,43 @@ def test_the_tokens_move_the_image(sd1, monkeypatch, unload_after):
         assert report(f"vector {i} moved", ref, sd1("a photo of <tok>", **kw).images) > 10 * TOL
 
 
+def test_inpainting_and_upscaler_match_diffusers(tmp_path_factory, monkeypatch):
+    """The other SD families: a 9-channel inpainting model and the x4 upscaler, each with a multi-vector A1111
+    embedding loaded by both sides."""
+    root = tmp_path_factory.mktemp("ti_families")
+    path = a1111_pt(root / "tok.pt", "<tok>", vectors(3, 32, 30))
+    folder = build_pipeline(root / "inpaint", unet_in_channels=9)
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None,
+                                                                   requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    for p in (pipe, ref):
+        p.load_textual_inversion(str(path))
+    kw = dict(image=[pil_image(smooth_image(H, W, 0))] * 2, mask_image=[pil_image(box_mask(H, W)).convert("L")] * 2,
+              strength=0.7, num_inference_steps=STEPS, guidance_scale=5.0, output_type="np")
+    ours = pipe(PROMPTS, NEGATIVES, sampler="ddim", **kw).images
+    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT),
+                              sdjax_noise(2, LATENT, noise.STREAM_MASKED_LATENTS)])
+    theirs = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, **kw).images
+    assert report("inpainting", ours, theirs) <= TOL
+
+    folder = build_upscaler(root / "x4")
+    pipe = sdjax.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    for p in (pipe, ref):
+        p.load_textual_inversion(str(path))
+    low = [pil_image(smooth_image(8, 8, 1))]
+    latents, low_res_noise = pipe.default_noise(8, 8, seed=0, num_prompts=1)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5, noise_level=20, output_type="np")
+    ours = pipe(["a <tok> photo"], low, ["<tok>"], sampler="ddim", seed=0, **kw).images
+    patch_noise(monkeypatch, [low_res_noise])
+    theirs = ref(["a <tok> photo"], low, negative_prompt=["<tok>"], latents=nchw(latents), **kw).images
+    assert report("x4 upscaler", ours, theirs) <= TOL
+
+
 # -- SDXL ---------------------------------------------------------------------------------------------------------
 
 
@@ -338,6 +378,34 @@ def test_plain_chunks_keep_an_embedding_together():
     assert tok.token_id("<e>") is None and tok.vocab_size == 49408 and tok.bpe(["<e>"])[0] != [ids[0]]
 
 
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_cli_embedding_flag(sd1, folders, tmp_path, capsys, unload_after):
+    """`--embedding FILE` (the token the file names) and `--embedding FILE:TOKEN`; the CLI's image is the library's
+    with the same embeddings; a bad one is one line on stderr and exit 2."""
+    pt = a1111_pt(tmp_path / "named.pt", "<tok>", vectors(2, 32, 40))
+    kohya = kohya_safetensors(tmp_path / "style.safetensors", vectors(3, 32, 41))
+    prompt = "a (<tok>:1.2) photo, <k> style"
+    base = ["txt2img", "--prompt", prompt, "--n_samples", "1", "--n_iter", "1", "--ckpt", str(folders["sd1"]),
+            "--skip_grid", "--seed", "3", "--H", "32", "--W", "32", "--ddim_steps", "2", "--scale", "5"]
+    out = tmp_path / "out"
+    assert cli.main(base + ["--outdir", str(out), "--embedding", str(pt), "--embedding", f"{kohya}:<k>"]) == 0
+    (png,) = (out / "samples").glob("*.png")
+    with Image.open(png) as im:
+        theirs = np.asarray(im.convert("RGB"), np.float32) / 255
+    sd1.load_textual_inversion([str(pt), str(kohya)], token=[None, "<k>"])
+    ours = sd1(prompt, "", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=[3],
+               prompt_syntax="a1111").images[0]
+    assert np.array_equal(np.asarray(ours, np.float32) / 255, theirs)
+    capsys.readouterr()
+    for spec, words in ((str(tmp_path / "missing.pt"), "no such embedding"), (f"{pt}:cat", "'cat' is already"),
+                        (f"{pt}:", "empty")):
+        assert cli.main(base + ["--outdir", str(tmp_path / "bad"), "--embedding", spec]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err and "--embedding" in err, err
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 
 
@@ -374,6 +442,9 @@ ERRORS = {
     "second fails, none loaded": (lambda d: dict(pretrained_model_name_or_path=[{"<ok>": vectors(2, 32, 0)},
                                                                                 {"<ok>_1": vectors(1, 32, 1)}]),
                                   "'<ok>_1' is already"),
+    "not a string token": (lambda d: dict(pretrained_model_name_or_path=[{"<a>": vectors(1, 32, 0)},
+                                                                         {"<b>": vectors(1, 32, 1)}],
+                                          token=["<a>", 7]), "non-empty string"),
     "foreign text encoder": (lambda d: dict(pretrained_model_name_or_path={"<a>": vectors(1, 32, 0)},
                                             text_encoder=object()), "text_encoder must be"),
 }

@@ -66,8 +66,9 @@ def _rewriter(rows: int, start: int, sharding):
 
 
 class TextualInversionMixin:
-    """`load_textual_inversion` / `unload_textual_inversion` for a pipeline with `text_encoders()` (name -> CLIP
-    module) whose tokenizers follow diffusers' names (text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2)."""
+    """`load_textual_inversion` / `unload_textual_inversion` for a `DiffusionPipeline`: its `text_encoders()` (name ->
+    CLIP module), tokenizers named as diffusers names them (text_encoder -> tokenizer, text_encoder_2 ->
+    tokenizer_2), its replicated sharding and its cache of compiled programs."""
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token: str | list[str] | None = None,
                                tokenizer=None, text_encoder=None, *, weight_name: str | None = None) -> None:
@@ -76,7 +77,7 @@ class TextualInversionMixin:
         pretrained_model_name_or_path: a file (A1111 `.pt` with `string_to_param`, kohya `.safetensors` with
         `emb_params`, diffusers `learned_embeds.bin/.safetensors` `{token: tensor}`, SDXL `.safetensors` with
         `clip_l`/`clip_g`), a folder holding `learned_embeds.*` (or `weight_name`), a dict of that shape, an array
-        (N, D) (then `token` is needed), or a list of these.
+        (N, D) (then `token` is needed), an `sdjax.embeddings.Embedding`, or a list of these.
         token: the token prompts use (a list: one per source). Default: the one the file names (A1111 `name`, the
         diffusers key), else the file name without its extension. With one array of N rows and a list of N tokens,
         each row is a token of its own (diffusers).
@@ -96,7 +97,8 @@ class TextualInversionMixin:
         if tokens == [None]:
             tokens = tokens * len(sources)
         target = self._ti_target(tokenizer, text_encoder)
-        if len(sources) == 1 and len(tokens) > 1 and not isinstance(sources[0], (dict, str, os.PathLike)):
+        if len(sources) == 1 and len(tokens) > 1 and not isinstance(
+                sources[0], (dict, str, os.PathLike, embeddings_lib.Embedding)):
             # one array of rows, one token per row (diffusers)
             rows = embeddings_lib.from_tree(sources[0], "the embedding").vectors
             if len(rows) != len(tokens):
@@ -118,6 +120,8 @@ class TextualInversionMixin:
             tok = tok or embedding.name or embedding.stem
             if not tok:
                 raise ValueError(f"{embedding.source}: it names no token: pass token=")
+            if not isinstance(tok, str) or not tok.strip():
+                raise ValueError(f"a token must be a non-empty string, got {tok!r}")
             for name, vectors in self._ti_vectors(embedding, target).items():
                 n = len(vectors)
                 width = self.text_encoders()[name].config.hidden_size
@@ -134,6 +138,10 @@ class TextualInversionMixin:
                                          "choose another token (token=) or unload it first")
                 plan.append((name, names, vectors))
 
+        for name in {name for name, _, _ in plan}:
+            table = self.text_encoders()[name].text_model.embeddings.token_embedding.embedding.get_value()
+            if isinstance(table, jax.ShapeDtypeStruct):
+                raise ValueError("this pipeline has shapes only (no weights): it cannot load embeddings")
         for name, names, vectors in plan:
             self._ti_add(name, names, vectors)
         self._ti_write({name for name, _, _ in plan})
@@ -201,6 +209,8 @@ class TextualInversionMixin:
 
     @staticmethod
     def _ti_read(source: Any, index: int, weight_name: str | None) -> embeddings_lib.Embedding:
+        if isinstance(source, embeddings_lib.Embedding):  # already read (`sdjax.embeddings.read_embedding`)
+            return source
         if isinstance(source, (str, os.PathLike)):
             return embeddings_lib.read_embedding(source, weight_name)
         return embeddings_lib.from_tree(source, f"embedding {index}" if index else "the embedding")
@@ -224,7 +234,8 @@ class TextualInversionMixin:
         width = embedding.vectors.shape[1] if not embedding.is_sdxl else None
         fits = [n for n, m in self.text_encoders().items() if m.config.hidden_size == width and n != name]
         if fits:
-            return f"; it fits {fits[0]}: pass text_encoder=pipe.{fits[0]}, tokenizer=pipe.{self._ti_tokenizer_name(fits[0])}"
+            return (f"; it fits {fits[0]}: pass text_encoder=pipe.{fits[0]}, "
+                    f"tokenizer=pipe.{self._ti_tokenizer_name(fits[0])}")
         return ": it was made for another model"
 
     def _ti_add(self, encoder: str, names: tuple[str, ...], vectors: np.ndarray) -> None:
@@ -245,8 +256,6 @@ class TextualInversionMixin:
             module = self.text_encoders()[name]
             embed = module.text_model.embeddings.token_embedding
             table = embed.embedding.get_value()
-            if isinstance(table, jax.ShapeDtypeStruct):
-                raise ValueError("this pipeline has shapes only (no weights): it cannot load embeddings")
             info = self._ti_tables[name]
             loaded = [e for e in self._ti_state if e.encoder == name]
             needed = max([i + 1 for e in loaded for i in e.ids], default=0)
