@@ -266,6 +266,36 @@ def quick_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+def count_compiles():
+    """Fixture body: a handler whose `count` is the number of XLA compilations of the pipeline program
+    (jit(generate)) while the fixture is active, read from JAX's own compile log (`jax_log_compiles`)."""
+    import logging
+
+    import jax
+
+    class CompileLog(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def emit(self, record):
+            if record.getMessage().startswith("Finished XLA compilation of jit(generate)"):
+                self.count += 1
+
+    handler = CompileLog()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        yield handler
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def diffusers_scheduler(name: str, pipe):
     """diffusers' scheduler for sdjax sampler `name`, made from the diffusers pipeline's folder's own scheduler
     config (never from a scheduler an earlier test swapped in)."""

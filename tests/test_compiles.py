@@ -2,9 +2,6 @@
 sampler calls). Compilations are counted from JAX's own compile log (`jax_log_compiles`), not from sdjax's cache."""
 from __future__ import annotations
 
-import logging
-
-import jax
 import numpy as np
 import pytest
 
@@ -14,40 +11,14 @@ pytest.importorskip("diffusers")
 import sdjax  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import build_pipeline, build_sdxl, quick_compiles, smooth_image  # noqa: E402
+from pipeline_fixtures import build_pipeline, build_sdxl, count_compiles, quick_compiles, smooth_image  # noqa: E402
 
 H, W = 32, 32
 
 _quick = pytest.fixture(scope="module", autouse=True)(quick_compiles)
 
 
-class CompileLog(logging.Handler):
-    """Counts XLA compilations of the pipeline program (jit(generate)) while installed."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("Finished XLA compilation of jit(generate)"):
-            self.count += 1
-
-
-@pytest.fixture
-def compiles():
-    handler = CompileLog()
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    jax.config.update("jax_log_compiles", True)
-    try:
-        yield handler
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+compiles = pytest.fixture(count_compiles)
 
 
 @pytest.fixture(scope="module")

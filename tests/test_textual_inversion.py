@@ -10,9 +10,6 @@ prompt embeddings.
 """
 from __future__ import annotations
 
-import logging
-
-import jax
 import numpy as np
 import pytest
 
@@ -20,17 +17,17 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from PIL import Image  # noqa: E402
+
 import sdjax  # noqa: E402
-from sdjax import prompts as prompts_lib  # noqa: E402
+from sdjax import cli, prompts as prompts_lib  # noqa: E402
 from sdjax.pipelines import noise  # noqa: E402
 from sdjax.pipelines.textual_inversion import ROOM  # noqa: E402
 from sdjax.tokenizer import Tokenizer  # noqa: E402
 
-from PIL import Image  # noqa: E402
-
-from sdjax import cli  # noqa: E402
-from pipeline_fixtures import (box_mask, build_pipeline, build_sdxl, build_upscaler, diffusers_scheduler,  # noqa: E402
-                               nchw, patch_noise, pil_image, quick_compiles, sdjax_noise, smooth_image)
+from pipeline_fixtures import (box_mask, build_pipeline, build_sdxl, build_upscaler, count_compiles,  # noqa: E402
+                               diffusers_scheduler, nchw, patch_noise, pil_image, quick_compiles, sdjax_noise,
+                               smooth_image)
 
 H, W = 32, 32
 LATENT = (H // 2, W // 2, 4)
@@ -478,53 +475,35 @@ def test_unload_errors_and_wrong_encoder(base, unload_after):
 # -- compiles -----------------------------------------------------------------------------------------------------
 
 
-class CompileLog(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Finished XLA compilation of jit(generate)"):
-            self.count += 1
+compiles = pytest.fixture(count_compiles)
 
 
-def test_loading_and_unloading_do_not_recompile(folders):
+def test_loading_and_unloading_do_not_recompile(folders, compiles):
     """The table grows once (one compile); more embeddings, unloading some or all, and loading others reuse the
     program. Unloading gives the images of the pipeline without embeddings back exactly."""
     pipe = sdjax.StableDiffusionPipeline.from_pretrained(folders["sd1"])
     kw = dict(height=H, width=W, num_inference_steps=STEPS, sampler="ddim", output_type="np")
     prompts = ["a photo of <a> and <b>", "<b>, <c>"]
-    log = CompileLog()
-    logger = logging.getLogger("jax")
-    level = logger.level
-    logger.addHandler(log)
-    logger.setLevel(logging.DEBUG)
-    jax.config.update("jax_log_compiles", True)
-    try:
-        plain = pipe(prompts, **kw).images
-        assert log.count == 1
-        pipe.load_textual_inversion({"<a>": vectors(2, 32, 20)})
-        rows = pipe.text_encoder.text_model.embeddings.token_embedding.num_embeddings
-        assert rows == 49408 + ROOM
-        pipe(prompts, **kw)
-        assert log.count == 2
-        pipe.load_textual_inversion([{"<b>": vectors(5, 32, 21)}, {"<c>": vectors(1, 32, 22)}])
-        with_all = pipe(prompts, **kw).images
-        pipe.unload_textual_inversion("<a>")
-        without_a = pipe(prompts, **kw).images
-        pipe.unload_textual_inversion()
-        assert np.array_equal(pipe(prompts, **kw).images, plain)
-        pipe.load_textual_inversion([{"<b>": vectors(5, 32, 21)}, {"<c>": vectors(1, 32, 22)}])
-        assert np.array_equal(pipe(prompts, **kw).images, without_a)  # the same tokens, renumbered
-        assert log.count == 2
-        assert pipe.text_encoder.text_model.embeddings.token_embedding.num_embeddings == rows
-        # past the bucket: one more compile, once
-        pipe.load_textual_inversion({"<big>": vectors(ROOM, 32, 23)})
-        pipe(prompts, **kw)
-        pipe(["<big>", "<c>"], **kw)
-        assert log.count == 3
-    finally:
-        jax.config.update("jax_log_compiles", False)
-        logger.removeHandler(log)
-        logger.setLevel(level)
+    plain = pipe(prompts, **kw).images
+    assert compiles.count == 1
+    pipe.load_textual_inversion({"<a>": vectors(2, 32, 20)})
+    rows = pipe.text_encoder.text_model.embeddings.token_embedding.num_embeddings
+    assert rows == 49408 + ROOM
+    pipe(prompts, **kw)
+    assert compiles.count == 2
+    pipe.load_textual_inversion([{"<b>": vectors(5, 32, 21)}, {"<c>": vectors(1, 32, 22)}])
+    with_all = pipe(prompts, **kw).images
+    pipe.unload_textual_inversion("<a>")
+    without_a = pipe(prompts, **kw).images
+    pipe.unload_textual_inversion()
+    assert np.array_equal(pipe(prompts, **kw).images, plain)
+    pipe.load_textual_inversion([{"<b>": vectors(5, 32, 21)}, {"<c>": vectors(1, 32, 22)}])
+    assert np.array_equal(pipe(prompts, **kw).images, without_a)  # the same tokens, renumbered
+    assert compiles.count == 2
+    assert pipe.text_encoder.text_model.embeddings.token_embedding.num_embeddings == rows
+    # past the bucket: one more compile, once
+    pipe.load_textual_inversion({"<big>": vectors(ROOM, 32, 23)})
+    pipe(prompts, **kw)
+    pipe(["<big>", "<c>"], **kw)
+    assert compiles.count == 3
     assert not np.array_equal(with_all, without_a) and not np.array_equal(with_all, plain)
