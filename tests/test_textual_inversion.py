@@ -129,6 +129,30 @@ PROMPTS = ["a photo of <tok> on a table", "<tok>, in the style of <tok>"]
 NEGATIVES = ["blurry <tok>", ""]
 
 
+def test_readers_give_the_saved_vectors_and_names(tmp_path, sd1, unload_after):
+    from sdjax.embeddings import read_embedding
+
+    v = vectors(3, 32, 50)
+    e = read_embedding(a1111_pt(tmp_path / "file-name.pt", "<named>", v))
+    assert (e.name, e.stem, e.is_sdxl) == ("<named>", "file-name", False) and np.array_equal(e.vectors, v)
+    half = tmp_path / "easyneg-v2.safetensors"
+    safetensors_torch.save_file({"emb_params": torch.from_numpy(v).to(torch.bfloat16)}, str(half))
+    e = read_embedding(half)
+    assert e.name is None and e.stem == "easyneg-v2"
+    assert np.array_equal(e.vectors, torch.from_numpy(v).to(torch.bfloat16).float().numpy())
+    (tmp_path / "folder").mkdir()
+    diffusers_bin(tmp_path / "folder" / "custom.bin", "<key>", v[0])
+    e = read_embedding(tmp_path / "folder", weight_name="custom.bin")
+    assert e.name == "<key>" and e.vectors.shape == (1, 32)
+    e = read_embedding(sdxl_safetensors(tmp_path / "xl.safetensors", v[:2, :8].copy(), vectors(2, 12, 51)))
+    assert e.is_sdxl and e.num_vectors == 2 and np.array_equal(e.clip_l, v[:2, :8])
+    # a file that names no token: its file name is the token
+    sd1.load_textual_inversion(str(half))
+    ids = sd1.tokenizer.bpe(["a easyneg-v2 b"])[0]
+    assert len(ids) == 5 and ids[1:4] == [sd1.tokenizer.token_id(t) for t in
+                                          ("easyneg-v2", "easyneg-v2_1", "easyneg-v2_2")]
+
+
 # -- SD 1: each format ----------------------------------------------------------------------------------------------
 
 
