@@ -164,3 +164,30 @@ def mesh_devices(mesh):
     if not isinstance(n, int) or not 1 <= n <= len(devices):
         raise UsageError(f"mesh data size must be 1..{len(devices)} or -1 (all devices), got {n!r}")
     return devices[:n]
+
+
+def load_embeddings(specs, pipe, refiner=None) -> list[tuple[str, str]]:
+    """`--embedding FILE[:TOKEN]` (repeatable): each file's textual-inversion embedding into the pipeline (TOKEN:
+    the prompt's word for it; default: the name the file gives, else its file name without extension). An SDXL file
+    (clip_l/clip_g) also goes into the refiner, as its clip_g. Returns [(token, file)]."""
+    from sdjax.embeddings import read_embedding
+
+    loaded = []
+    for spec in [specs] if isinstance(specs, str) else list(specs or []):
+        if not isinstance(spec, str) or not spec:
+            raise UsageError(f"--embedding takes FILE or FILE:TOKEN, got {spec!r}")
+        path, token = spec, None
+        if not Path(spec).expanduser().exists() and ":" in spec:  # (a path with a colon in it is taken whole)
+            path, token = spec.rsplit(":", 1)
+            if not token:
+                raise UsageError(f"--embedding {spec}: the token after ':' is empty")
+        try:
+            embedding = read_embedding(path)
+            token = token or embedding.name or embedding.stem
+            pipe.load_textual_inversion(embedding, token=token)
+            if refiner is not None and embedding.is_sdxl:
+                refiner.load_textual_inversion(embedding, token=token)
+        except ValueError as e:
+            raise UsageError(f"--embedding {spec}: {one_line(e)}") from None
+        loaded.append((token, path))
+    return loaded

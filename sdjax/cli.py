@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, load_pipeline, model_hash,
+from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, load_embeddings, load_pipeline,
+                       model_hash,
                        one_line)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
@@ -39,6 +40,13 @@ def _add_prompt_syntax_flags(p: argparse.ArgumentParser):
                         "AUTOMATIC1111; plain: the text as it is (prompts and negative prompt alike)")
     p.add_argument("--emphasis", choices=["original", "none"],
                    help="with --prompt-syntax a1111: original (default; weighted chunks keep their mean) or none")
+
+
+def _add_embedding_flag(p: argparse.ArgumentParser):
+    p.add_argument("--embedding", action="append",
+                   help="a textual-inversion embedding, FILE or FILE:TOKEN (repeatable): A1111 .pt, .safetensors "
+                        "(emb_params, or SDXL clip_l/clip_g), diffusers learned_embeds; prompts use TOKEN (default: "
+                        "the name the file gives, else its file name without extension)")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
@@ -68,6 +76,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--precision", choices=["full", "autocast"],
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     p.add_argument("--config", help="a YAML run config; flags given here override its values")
+    _add_embedding_flag(p)
     p.add_argument("--rerank-model", dest="rerank_model", help="a CLIP model folder for reranking")
     p.add_argument("--n-candidates", dest="n_candidates", type=int,
                    help="generate this many images per prompt and iteration, keep the best by CLIP score")
@@ -107,7 +116,8 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
-    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora",
+    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "embedding": "embedding",
+    "embeddings": "embedding",
 }
 
 
@@ -287,6 +297,7 @@ def cmd_generate(args, mode: str) -> int:
     lora = s.get("lora") or []
     loras = apply_loras(pipe, [lora] if isinstance(lora, str) else lora)
     refiner = load_refiner(s, pipe, precision) if s.get("refiner") else None
+    load_embeddings(s.get("embedding"), pipe, refiner)
     f = pipe.vae_scale_factor
     for key in ("H", "W"):
         if s.get(key) is not None and int(s[key]) % f:
@@ -450,6 +461,7 @@ def _add_upscale_parser(sub) -> None:
     u.add_argument("--precision", choices=["full", "autocast"],
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     u.add_argument("--config", help="a YAML run config (e.g. configs/x4_upscaler.yaml); flags override it")
+    _add_embedding_flag(u)
 
 
 def cmd_upscale(args) -> int:
@@ -474,6 +486,7 @@ def cmd_upscale(args) -> int:
     pipe, precision, ckpt = load_pipeline(s)
     if not isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
+    load_embeddings(s.get("embedding"), pipe)
     tile_size = s.get("tile_size") or pipe.unet.config.sample_size
     if s.get("tile_overlap") is not None and s["tile_overlap"] >= tile_size:
         raise UsageError(f"--tile-overlap {s['tile_overlap']} must be smaller than the tile size {tile_size}")

@@ -14,6 +14,10 @@ prompt_syntax:
   encoded states by the token weights and (emphasis "original", A1111's default) rescales the chunk to keep its
   mean; emphasis "none" only multiplies.
 
+A textual-inversion embedding of N vectors (its token stands for N ids, `Tokenizer.group_tokens`) is never split:
+when its vectors do not fit in the current chunk they start the next one (A1111), in both syntaxes; an emphasis
+weight applies to all N.
+
 The number of chunks is a shape of the compiled program: a batch is padded to `chunk_bucket` chunks with empty
 chunks, which `context_mask` marks so that the UNet's cross-attention ignores them (an image never depends on the
 prompts it shares a batch with).
@@ -127,13 +131,16 @@ def plain_text(text: str, prompt_syntax: str = "plain") -> str:
 def prompt_chunks(tokenizer, text: str, prompt_syntax: str = "plain") -> PromptChunks:
     """The chunks of one prompt (see the module docstring). tokenizer: a `sdjax.tokenizer.Tokenizer`."""
     if prompt_syntax == "plain":
-        tokens = tokenizer.bpe([text])[0]
-        runs = [tokens[i:i + CHUNK] for i in range(0, len(tokens), CHUNK)] or [[]]
+        runs = [[]]
+        for group in tokenizer.bpe_groups([text])[0]:
+            if len(runs[-1]) + len(group) > CHUNK:  # an embedding's vectors stay in one chunk
+                runs.append([])
+            runs[-1].extend(group)
         return _finish(tokenizer, [(run, [1.0] * len(run)) for run in runs])
     check_syntax(prompt_syntax)
     fragments = parse_attention(text)
     texts = [t for t, w in fragments if (t, w) != BREAK]
-    tokenized = iter(tokenizer.bpe(texts) if texts else [])
+    tokenized = iter(tokenizer.bpe_groups(texts) if texts else [])
     comma = tokenizer.token_id(",</w>")
     chunks: list[tuple[list, list]] = []
     tokens: list[int] = []
@@ -149,8 +156,8 @@ def prompt_chunks(tokenizer, text: str, prompt_syntax: str = "plain") -> PromptC
         if (fragment, weight) == BREAK:
             close()
             continue
-        for token in next(tokenized):
-            if token == comma:
+        for group in next(tokenized):
+            if group == (comma,):
                 comma_at = len(tokens)  # (a comma that opens a new chunk below is not remembered, as A1111)
             elif len(tokens) == CHUNK and comma_at != -1 and CHUNK - comma_at <= COMMA_BACKTRACK:
                 # the chunk is full: the words after its last comma start the next chunk
@@ -158,10 +165,10 @@ def prompt_chunks(tokenizer, text: str, prompt_syntax: str = "plain") -> PromptC
                 tokens, weights = tokens[:comma_at + 1], weights[:comma_at + 1]
                 close()
                 tokens, weights = list(moved[0]), list(moved[1])
-            if len(tokens) == CHUNK:
-                close()
-            tokens.append(token)
-            weights.append(weight)
+            if len(tokens) == CHUNK or len(tokens) + len(group) > CHUNK:
+                close()  # full, or too full for all of an embedding's vectors (A1111 moves them on together)
+            tokens.extend(group)
+            weights.extend([weight] * len(group))
     if tokens or not chunks:
         close()
     return _finish(tokenizer, chunks)

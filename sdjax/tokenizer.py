@@ -8,6 +8,7 @@ SD2.x / SDXL `tokenizer_2` folders with "!"; the folder's own config decides.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -56,6 +57,8 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
+        self.groups: dict[int, tuple[int, ...]] = {}  # a multi-vector embedding's first id -> all of its ids
+        self._original = None  # the tokenizer before its first add_tokens (remove_added_tokens restores it)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, subfolder: str | None = None,
@@ -128,9 +131,47 @@ class Tokenizer:
         return tokens.input_ids, tokens.attention_mask
 
     def bpe(self, texts: list[str]) -> list[list[int]]:
-        """The BPE ids of each text, without BOS/EOS, padding or truncation (`sdjax.prompts` makes the chunks)."""
-        return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False, truncation=False,
-                                             verbose=False)["input_ids"]]
+        """The BPE ids of each text, without BOS/EOS, padding or truncation (`sdjax.prompts` makes the chunks); a
+        multi-vector embedding's token gives all of its ids (see `add_tokens`)."""
+        return [[i for group in groups for i in group] for groups in self.bpe_groups(texts)]
+
+    def bpe_groups(self, texts: list[str]) -> list[list[tuple[int, ...]]]:
+        """As `bpe`, each id a group of its own except a multi-vector embedding's ids, one group (a prompt chunk
+        keeps them together, as A1111 does)."""
+        out = self.hf(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return [[self.groups.get(i, (i,)) for i in ids] for ids in out]
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add new vocabulary entries, one after the other as diffusers' `load_textual_inversion` adds them, and
+        return their ids (the first is len(self) before the call). ValueError, naming it, for a token already in
+        the vocabulary. The text then tokenizes to these ids wherever a token occurs in it (transformers' added
+        tokens)."""
+        vocab = self.hf.get_vocab()
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"a token must be a non-empty string, got {token!r}")
+            if token in vocab:
+                raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary: choose another token")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"tokens {tokens} repeat a token")
+        if self._original is None:
+            self._original = copy.deepcopy(self.hf)
+        ids = []
+        for token in tokens:
+            self.hf.add_tokens(token)
+            ids.append(int(self.hf.convert_tokens_to_ids(token)))
+        return ids
+
+    def group_tokens(self, ids: list[int]) -> None:
+        """Make ids[0] stand for all of `ids` (a multi-vector embedding: its token expands to its N tokens, as
+        diffusers' `maybe_convert_prompt` does)."""
+        self.groups[int(ids[0])] = tuple(int(i) for i in ids)
+
+    def remove_added_tokens(self) -> None:
+        """Undo every `add_tokens` and `group_tokens`: the tokenizer as it was loaded."""
+        if self._original is not None:
+            self.hf = copy.deepcopy(self._original)
+        self.groups = {}
 
     def token_id(self, token: str) -> int | None:
         """The id of a vocabulary entry (e.g. ",</w>"), or None."""

@@ -266,6 +266,12 @@ def quick_compiles():
     jax.config.update("jax_disable_most_optimizations", before)
 
 
+def count_compiles():
+    """Fixture body (`compiles = pytest.fixture(count_compiles)`): a `CompileLog` active for the test."""
+    with CompileLog() as log:
+        yield log
+
+
 def diffusers_scheduler(name: str, pipe):
     """diffusers' scheduler for sdjax sampler `name`, made from the diffusers pipeline's folder's own scheduler
     config (never from a scheduler an earlier test swapped in)."""

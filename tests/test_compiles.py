@@ -2,7 +2,6 @@
 sampler calls). Compilations are counted from JAX's own compile log (`jax_log_compiles`), not from sdjax's cache."""
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
@@ -12,17 +11,14 @@ pytest.importorskip("diffusers")
 import sdjax  # noqa: E402
 from sdjax import samplers  # noqa: E402
 
-from pipeline_fixtures import CompileLog, build_pipeline, build_sdxl, quick_compiles, smooth_image  # noqa: E402
+from pipeline_fixtures import build_pipeline, build_sdxl, count_compiles, quick_compiles, smooth_image  # noqa: E402
 
 H, W = 32, 32
 
 _quick = pytest.fixture(scope="module", autouse=True)(quick_compiles)
 
 
-@pytest.fixture
-def compiles():
-    with CompileLog() as log:
-        yield log
+compiles = pytest.fixture(count_compiles)
 
 
 @pytest.fixture(scope="module")

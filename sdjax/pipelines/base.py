@@ -29,6 +29,7 @@ from sdjax.pipelines.noise import image_keys
 from sdjax.pipelines.program import (
     Batch, Encode, Networks, Plan, Schedule, compile_program, fetch_batch, put_batch,
 )
+from sdjax.pipelines.textual_inversion import TextualInversionMixin
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -115,8 +116,9 @@ def timestep_cutoff(fraction: float, num_train_timesteps: int) -> int:
     return int(round(num_train_timesteps - (fraction * num_train_timesteps)))
 
 
-class DiffusionPipeline:
-    """The shared machinery of the pipeline families (not used on its own)."""
+class DiffusionPipeline(TextualInversionMixin):
+    """The shared machinery of the pipeline families (not used on its own); textual-inversion embeddings come from
+    `TextualInversionMixin`."""
 
     def __init__(self, *, vae, unet, scheduler_config: dict, name: str = "", mesh: Mesh | None = None):
         self.vae = vae
