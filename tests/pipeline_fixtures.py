@@ -342,3 +342,42 @@ class CompileLog:
         logger = logging.getLogger("jax")
         logger.removeHandler(self._handler)
         logger.setLevel(self._level)
+
+
+def a1111_chunks(tok, fragments, groups=None):
+    """The reference for sdjax.prompts: A1111's FrozenCLIPEmbedderWithCustomWords.tokenize_line, written here, as
+    (ids (k, 77), weights (k, 77)) torch tensors. fragments: (text, weight) pairs, None for BREAK. An embedding's
+    vectors (its head id -> all its ids in `groups`) never split: when they do not fit they start the next chunk."""
+    import torch
+
+    groups = groups or {}
+    comma = tok.convert_tokens_to_ids(",</w>")
+    chunks, current, last_comma = [], [], -1
+    for fragment in fragments:
+        if fragment is None:
+            chunks.append(current)
+            current, last_comma = [], -1
+            continue
+        text, weight = fragment
+        for t in tok(text, add_special_tokens=False)["input_ids"]:
+            if t == comma:
+                last_comma = len(current)
+            elif len(current) == 75 and last_comma != -1 and 75 - last_comma <= 20:
+                chunks.append(current[:last_comma + 1])
+                current, last_comma = current[last_comma + 1:], -1
+            if len(current) == 75:
+                chunks.append(current)
+                current, last_comma = [], -1
+            ids = groups.get(t, [t])
+            if len(current) + len(ids) > 75:
+                chunks.append(current)
+                current, last_comma = [], -1
+            current += [(i, weight) for i in ids]
+    if current or not chunks:
+        chunks.append(current)
+    ids, weights = [], []
+    for chunk in chunks:
+        row = [tok.bos_token_id] + [t for t, _ in chunk] + [tok.eos_token_id]
+        ids.append(row + [tok.pad_token_id] * (77 - len(row)))
+        weights.append([1.0] + [w for _, w in chunk] + [1.0] * (76 - len(chunk)))
+    return torch.tensor(ids), torch.tensor(weights, dtype=torch.float32)

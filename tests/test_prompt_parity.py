@@ -21,8 +21,9 @@ transformers = pytest.importorskip("transformers")
 
 import sdjax  # noqa: E402
 
-from pipeline_fixtures import (TOKENIZER_DIR, box_mask, build_pipeline, build_sdxl, diffusers_scheduler,  # noqa: E402
-                               nchw, patch_noise, pil_image, run_on_devices, sdjax_noise, smooth_image)
+from pipeline_fixtures import (TOKENIZER_DIR, a1111_chunks, box_mask, build_pipeline, build_sdxl,  # noqa: E402
+                               diffusers_scheduler, nchw, patch_noise, pil_image, run_on_devices, sdjax_noise,
+                               smooth_image)
 from sdjax.pipelines import noise  # noqa: E402
 
 H, W = 32, 48
@@ -58,44 +59,14 @@ NEGATIVES = [
 ]
 
 
-# -- the reference: A1111's chunking and emphasis, written here ---------------------------------------------------
-
-
-def ref_chunks(tok, fragments):
-    """A1111's FrozenCLIPEmbedderWithCustomWords.tokenize_line: (ids (k, 77), weights (k, 77)) as torch."""
-    comma = tok.convert_tokens_to_ids(",</w>")
-    chunks, current, last_comma = [], [], -1
-    for fragment in fragments:
-        if fragment is BREAK:
-            chunks.append(current)
-            current, last_comma = [], -1
-            continue
-        text, weight = fragment
-        for t in tok(text, add_special_tokens=False)["input_ids"]:
-            if t == comma:
-                last_comma = len(current)
-            elif len(current) == 75 and last_comma != -1 and 75 - last_comma <= 20:
-                chunks.append(current[:last_comma + 1])
-                current, last_comma = current[last_comma + 1:], -1
-            if len(current) == 75:
-                chunks.append(current)
-                current, last_comma = [], -1
-            current.append((t, weight))
-    if current or not chunks:
-        chunks.append(current)
-    ids, weights = [], []
-    for chunk in chunks:
-        row = [tok.bos_token_id] + [t for t, _ in chunk] + [tok.eos_token_id]
-        ids.append(row + [tok.pad_token_id] * (77 - len(row)))
-        weights.append([1.0] + [w for _, w in chunk] + [1.0] * (76 - len(chunk)))
-    return torch.tensor(ids), torch.tensor(weights, dtype=torch.float32)
+# -- the reference: A1111's emphasis written here (its chunking: pipeline_fixtures.a1111_chunks) ----------------
 
 
 @torch.no_grad()
 def ref_embed(encoder, tok, fragments, layer=None):
     """Each chunk through the encoder alone, A1111's "Original" emphasis per chunk, concatenated on tokens;
     pooled (text_embeds) of the first chunk."""
-    ids, weights = ref_chunks(tok, fragments)
+    ids, weights = a1111_chunks(tok, fragments)
     zs, pooled = [], None
     for i in range(len(ids)):
         out = encoder(ids[i:i + 1], output_hidden_states=True)
@@ -149,7 +120,7 @@ def test_sd_weighted_long_prompts_match_reference(kind, sd_folders):
                 guidance_scale=7.5, sampler="ddim", latents=latents, output_type="np",
                 prompt_syntax="a1111").images
     # the cases are what they claim: 1, 2 and 3 chunks, and the 2-chunk one was cut at a comma
-    chunks = [ref_chunks(ref.tokenizer, f)[0] for _, f in CASES]
+    chunks = [a1111_chunks(ref.tokenizer, f)[0] for _, f in CASES]
     assert [len(c) for c in chunks] == [1, 2, 3]
     eos = ref.tokenizer.eos_token_id
     assert chunks[1][0].tolist().index(eos) < 76  # back-tracked: the first chunk is not full
@@ -219,7 +190,7 @@ def test_plain_long_prompt_and_emphasis_none(sd_folders):
     assert report("plain 2 chunks", plain, theirs) <= TOL
 
     none = pipe("a (red:3) circle", emphasis="none", prompt_syntax="a1111", **call).images
-    ids, weights = ref_chunks(tok, [("a ", 1.0), ("red", 3.0), (" circle", 1.0)])
+    ids, weights = a1111_chunks(tok, [("a ", 1.0), ("red", 3.0), (" circle", 1.0)])
     with torch.no_grad():
         cond = ref.text_encoder(ids)[0] * weights[:, :, None]
     theirs = ref(prompt_embeds=cond, negative_prompt_embeds=empty, latents=nchw(latents),

@@ -25,7 +25,7 @@ from sdjax.pipelines import noise  # noqa: E402
 from sdjax.pipelines.textual_inversion import ROOM  # noqa: E402
 from sdjax.tokenizer import Tokenizer  # noqa: E402
 
-from pipeline_fixtures import (box_mask, build_pipeline, build_sdxl, build_upscaler, count_compiles,  # noqa: E402
+from pipeline_fixtures import (a1111_chunks, box_mask, build_pipeline, build_sdxl, build_upscaler, count_compiles,  # noqa: E402
                                diffusers_scheduler, nchw, patch_noise, pil_image, quick_compiles, sdjax_noise,
                                smooth_image)
 
@@ -309,41 +309,6 @@ def test_sdxl_encoders_get_their_own_vectors(base, unload_after):
 # -- A1111's syntax around an embedding ---------------------------------------------------------------------------
 
 
-def ref_chunks_with_embeddings(tok, fragments, groups):
-    """A1111's tokenize_line with embeddings, written here: an embedding's vectors (its head id -> all ids in
-    `groups`) never split; when they do not fit they start the next chunk. BREAK is None."""
-    comma = tok.convert_tokens_to_ids(",</w>")
-    chunks, current, last_comma = [], [], -1
-    for fragment in fragments:
-        if fragment is None:
-            chunks.append(current)
-            current, last_comma = [], -1
-            continue
-        text, weight = fragment
-        for t in tok(text, add_special_tokens=False)["input_ids"]:
-            if t == comma:
-                last_comma = len(current)
-            elif len(current) == 75 and last_comma != -1 and 75 - last_comma <= 20:
-                chunks.append(current[:last_comma + 1])
-                current, last_comma = current[last_comma + 1:], -1
-            if len(current) == 75:
-                chunks.append(current)
-                current, last_comma = [], -1
-            ids = groups.get(t, [t])
-            if len(current) + len(ids) > 75:
-                chunks.append(current)
-                current, last_comma = [], -1
-            current += [(i, weight) for i in ids]
-    if current or not chunks:
-        chunks.append(current)
-    ids, weights = [], []
-    for chunk in chunks:
-        row = [tok.bos_token_id] + [t for t, _ in chunk] + [tok.eos_token_id]
-        ids.append(row + [tok.pad_token_id] * (77 - len(row)))
-        weights.append([1.0] + [w for _, w in chunk] + [1.0] * (76 - len(chunk)))
-    return torch.tensor(ids), torch.tensor(weights, dtype=torch.float32)
-
-
 @torch.no_grad()
 def ref_embed(encoder, ids, weights):
     zs = []
@@ -369,7 +334,7 @@ def test_a1111_syntax_keeps_an_embedding_together(sd1, folders, unload_after):
                  (" sun", 1.0)]
     head = ref.tokenizer.convert_tokens_to_ids("<tok>")
     groups = {head: ref.tokenizer.convert_tokens_to_ids(["<tok>"] + [f"<tok>_{i}" for i in range(1, 6)])}
-    ids, weights = ref_chunks_with_embeddings(ref.tokenizer, fragments, groups)
+    ids, weights = a1111_chunks(ref.tokenizer, fragments, groups)
     assert len(ids) == 3 and ids[0].tolist()[73] == ref.tokenizer.eos_token_id  # moved on whole
     chunks = prompts_lib.prompt_chunks(sd1.tokenizer, prompt, "a1111")
     assert np.array_equal(chunks.ids, ids.numpy()) and np.allclose(chunks.weights, weights.numpy())
@@ -378,7 +343,7 @@ def test_a1111_syntax_keeps_an_embedding_together(sd1, folders, unload_after):
     kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
     ours = sd1(prompt, "<tok>", sampler="ddim", latents=latents, prompt_syntax="a1111", **kw).images
     cond = ref_embed(ref.text_encoder, ids, weights)
-    neg_ids, neg_weights = ref_chunks_with_embeddings(ref.tokenizer, [("<tok>", 1.0)], groups)
+    neg_ids, neg_weights = a1111_chunks(ref.tokenizer, [("<tok>", 1.0)], groups)
     uncond = ref_embed(ref.text_encoder, neg_ids, neg_weights).repeat(1, 3, 1)  # same attention as one chunk
     theirs = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=nchw(latents), **kw).images
     assert report("sd1 a1111 embedding", ours, theirs) <= TOL
