@@ -12,7 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import HIGH_NOISE_FRAC, UsageError, default_model, load_pipeline, model_hash, one_line
+from sdjax.app import (HIGH_NOISE_FRAC, UsageError, default_model, failure_line, load_pipeline, model_hash,
+                       one_line)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
 SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
@@ -557,10 +558,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "sdjax: interrupted"
+RESUMABLE = {"txt2img", "img2img", "inpaint", "train"}  # the commands with --resume
+
+
 def main(argv=None) -> int:
+    """The `sdjax` command. Expected failures (`sdjax.app.failure_line`) end with one line on stderr and exit code 2.
+    From the shell (argv None), Ctrl-C ends the process at once with exit code 130 and one line, never in the
+    middle of writing a file (`sdjax.interrupts`); called with argv (in-process), a KeyboardInterrupt returns 130."""
+    from sdjax import interrupts
+
+    if argv is None:  # first, before the heavy imports: from here on Ctrl-C never raises
+        interrupts.install(INTERRUPTED)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command in RESUMABLE:
+            interrupts.set_message(f"{INTERRUPTED} (run the same command with --resume to continue)")
         if args.command is None:
             parser.print_help()
             return 2
@@ -569,6 +583,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             from sdjax.demo import cmd_demo
 
+            interrupts.uninstall()  # the web server stops on Ctrl-C its own way
             return cmd_demo(args)
         if args.command == "train":
             return cmd_train(args)
@@ -579,12 +594,15 @@ def main(argv=None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
         return cmd_generate(args, args.command)
-    except UsageError as e:
-        print(f"sdjax: error: {one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("sdjax: interrupted (use --resume to continue)", file=sys.stderr)
+        print(f"{INTERRUPTED} (use --resume to continue)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 (expected failures become one line; anything else keeps its traceback)
+        line = failure_line(e)
+        if line is None:
+            raise
+        print(f"sdjax: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
