@@ -30,7 +30,6 @@ OS_ERROR_HINTS = {
     errno.EPERM: "not permitted: choose a folder you can write to, or a file you can read",
     errno.ENOTDIR: "a file stands where a folder is needed",
     errno.EISDIR: "a folder stands where a file is needed",
-    errno.EEXIST: "it exists already (and is not what is needed there)",
 }
 
 
@@ -59,10 +58,10 @@ def failure_line(e: BaseException) -> str | None:
         where = "host" if isinstance(e, MemoryError) else "device"
         return (f"out of {where} memory ({one_line(e)[:200]}): make fewer or smaller images per batch (--n_samples, "
                 "--prompts-per-batch, --H, --W), or use --attention-chunking and --vae-tiling")
-    if isinstance(e, FloatingPointError):
-        return f"{one_line(e).split(';')[0]}; try --precision full"
     if isinstance(e, ValueError):
         return one_line(e)
+    if isinstance(e, FloatingPointError):  # the pipeline's NaN check; its advice names a library argument
+        return f"{one_line(e).split(';')[0]}; try --precision full"
     return None
 
 

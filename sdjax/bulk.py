@@ -220,7 +220,7 @@ def prepare_outdir(outdir: Path, manifest: str = "manifest.jsonl") -> None:
     samples.mkdir(parents=True, exist_ok=True)
     path = outdir / manifest
     if path.exists() and not path.is_file():
-        raise IsADirectoryError(errno.EISDIR, "is not a file (the run lists its images in it)", str(path))
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     probe = samples / temporary_name(".probe")
     with interrupts.writing(probe):
         try:
@@ -271,7 +271,7 @@ def append_manifest(outdir: Path, record: dict, name: str = "manifest.jsonl") ->
     path = outdir / name
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     with interrupts.writing():
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
