@@ -299,7 +299,7 @@ def run_size(s: dict, image_size: tuple[int, int], f: int, max_pixels: int | Non
     if s.get("H") is None and s.get("W") is None:
         scale = min(1.0, math.sqrt(max_pixels / (width * height))) if max_pixels else 1.0
         h, w = max(int(height * scale) // f * f, f), max(int(width * scale) // f * f, f)
-        reason = f"larger than {max_pixels / 1e6:.1f} megapixels per device; give --H and --W to choose the size"
+        reason = f"larger than {max_pixels / 1e6:.3g} megapixels per device; give --H and --W to choose the size"
         if scale == 1:  # rounded to the VAE factor only, as the library does: not worth a line
             return h, w
     else:
@@ -389,8 +389,8 @@ def cmd_generate(args, mode: str) -> int:
     try:
         pipe.check_size(int(s.get("H") or pipe.default_size), int(s.get("W") or pipe.default_size), per_call)
     except ImageTooLargeError as e:
-        raise UsageError(f"--H/--W/--n_samples: {e.pixels / 1e6:.1f} megapixels per device, above the limit of "
-                         f"{e.limit / 1e6:.1f}; make fewer or smaller images per batch, or add --attention-chunking "
+        raise UsageError(f"--H/--W/--n_samples: {e.pixels / 1e6:.3g} megapixels per device, above the limit of "
+                         f"{e.limit / 1e6:.3g}; make fewer or smaller images per batch, or add --attention-chunking "
                          "and --vae-tiling (each doubles the limit)") from None
     reranker = None
     if s.get("n_candidates"):

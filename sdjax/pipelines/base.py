@@ -212,8 +212,8 @@ class DiffusionPipeline:
         pixels = per_device * height * width
         if limit is not None and pixels > limit:
             raise ImageTooLargeError(
-                f"{per_device} image(s) of {height}x{width} per device are {pixels / 1e6:.1f} megapixels, above the "
-                f"limit of {limit / 1e6:.1f} (sdjax.pipelines.base.MAX_PIXELS_PER_DEVICE, x2 with "
+                f"{per_device} image(s) of {height}x{width} per device are {pixels / 1e6:.3g} megapixels, above the "
+                f"limit of {limit / 1e6:.3g} (sdjax.pipelines.base.MAX_PIXELS_PER_DEVICE, x2 with "
                 "enable_attention_chunking(), x2 with enable_vae_tiling(); pipe.max_pixels_per_device = None lifts "
                 "it): make fewer or smaller images per call", pixels=pixels, limit=limit)
 
