@@ -556,7 +556,7 @@ def _add_upscale_parser(sub) -> None:
 
 def cmd_upscale(args) -> int:
     """`sdjax upscale`: `sdjax.bulk.upscale_to_folder` on --init-img, once per prompt."""
-    from sdjax.bulk import upscale_to_folder
+    from sdjax.bulk import prepare_outdir, upscale_to_folder
     from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     given = load_config(args.config) if args.config else {}
@@ -573,13 +573,17 @@ def cmd_upscale(args) -> int:
     if not s.get("ckpt"):
         raise UsageError("upscale needs --ckpt: a diffusers x4 upscaler folder or hub id (e.g. "
                          "stabilityai/stable-diffusion-x4-upscaler); no upscaler ships with sdjax")
+    outdir = Path(s.get("outdir") or "outputs/upscale-samples")
+    try:  # before the model loads
+        prepare_outdir(outdir)
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: {os_error_line(e)}") from None
     pipe, precision, ckpt = load_pipeline(s)
     if not isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
     tile_size = s.get("tile_size") or pipe.unet.config.sample_size
     if s.get("tile_overlap") is not None and s["tile_overlap"] >= tile_size:
         raise UsageError(f"--tile-overlap {s['tile_overlap']} must be smaller than the tile size {tile_size}")
-    outdir = Path(s.get("outdir") or "outputs/upscale-samples")
     try:
         records = upscale_to_folder(
             pipe, s["init_img"], prompts, outdir, negative_prompt=s.get("negative_prompt") or "",
