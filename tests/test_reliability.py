@@ -434,3 +434,23 @@ def test_train_refuses_before_training(case, words, tmp_path, capsys):
         argv += ["--data", str(data)]
     assert_one_line(cli.main(argv), capsys.readouterr().err, words)
     assert out.is_file() if case == "out_file" else not out.exists()
+
+
+def test_failure_line_sorts_expected_failures_from_bugs():
+    from sdjax.app import failure_line
+
+    class XlaRuntimeError(RuntimeError):  # jaxlib's, by name: importing it would tie the test to a jaxlib layout
+        pass
+
+    oom = failure_line(XlaRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes"))
+    assert oom.startswith("out of device memory (RESOURCE_EXHAUSTED") and "--attention-chunking" in oom
+    assert failure_line(MemoryError()).startswith("out of host memory")
+    assert failure_line(OSError(errno.ENOSPC, "No space left on device", "/x/y.png")) == (
+        "/x/y.png: No space left on device (the disk is full: free some space, then run the same command again "
+        "(with --resume for a bulk run))")
+    assert failure_line(FloatingPointError("the pipeline produced NaN/inf values; load with vae_dtype=...")) == (
+        "the pipeline produced NaN/inf values; try --precision full")
+    assert failure_line(ValueError("guidance_scale must be a finite number, got inf")) == (
+        "guidance_scale must be a finite number, got inf")
+    assert failure_line(XlaRuntimeError("INTERNAL: something else")) is None  # a bug: its traceback is shown
+    assert failure_line(TypeError("'int' object is not iterable")) is None
