@@ -1,11 +1,13 @@
-"""What the command line and the demo share: the one-line usage error, the shipped model's paths, and loading a
-pipeline from flag values."""
+"""What the command line and the demo share: the one-line usage error and the one line of every expected failure,
+the shipped model's paths, and loading a pipeline from flag values.
+
+Light on purpose (no JAX import at module level): `sdjax.cli` imports it before it can take over Ctrl-C.
+"""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
-
-from sdjax.loading import SHIPPED_MODEL
 
 HIGH_NOISE_FRAC = 0.8  # SDXL base -> refiner hand-off: the base's share of the schedule (diffusers' suggested split)
 
@@ -19,8 +21,54 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+FREE_SPACE = "free some space, then run the same command again (with --resume for a bulk run)"
+OS_ERROR_HINTS = {
+    errno.ENOSPC: f"the disk is full: {FREE_SPACE}",
+    errno.EDQUOT: f"over the disk quota: {FREE_SPACE}",
+    errno.EROFS: "a read-only file system: choose a folder you can write to",
+    errno.EACCES: "no permission: choose a folder you can write to, or a file you can read",
+    errno.EPERM: "not permitted: choose a folder you can write to, or a file you can read",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: the file, what happened and, for the common ones, what to do."""
+    what = e.strerror or one_line(e)
+    where = f"{e.filename}: " if e.filename else ""
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return " ".join(f"{where}{what}{f' ({hint})' if hint else ''}".split())
+
+
+def failure_line(e: BaseException) -> str | None:
+    """The one line the command line prints (exit code 2) for an expected failure: bad input or flags
+    (`UsageError`), the library's checks of values, files and configs (ValueError), the file system (OSError),
+    an image too large to decode, memory running out on the host or the device, NaN output. None for anything
+    else: a bug, whose traceback is worth seeing."""
+    name = type(e).__name__
+    if isinstance(e, UsageError):
+        return one_line(e)
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    if name == "DecompressionBombError":  # PIL: an image file claiming more pixels than PIL will decode
+        return f"{one_line(e)} (an image this large cannot be used)"
+    if isinstance(e, MemoryError) or (name in ("XlaRuntimeError", "JaxRuntimeError")
+                                      and "RESOURCE_EXHAUSTED" in str(e)):
+        where = "host" if isinstance(e, MemoryError) else "device"
+        return (f"out of {where} memory ({one_line(e)[:200]}): make fewer or smaller images per batch (--n_samples, "
+                "--prompts-per-batch, --H, --W), or use --attention-chunking and --vae-tiling")
+    if isinstance(e, ValueError):
+        return one_line(e)
+    if isinstance(e, FloatingPointError):  # the pipeline's NaN check; its advice names a library argument
+        return f"{one_line(e).split(';')[0]}; try --precision full"
+    return None
+
+
 def default_model() -> str | None:
     """The model used when --ckpt is not given: $SDJAX_MODEL, else the one shipped with sdjax, if any."""
+    from sdjax.loading import SHIPPED_MODEL
+
     env = os.environ.get("SDJAX_MODEL")
     if env:
         return env
@@ -31,6 +79,8 @@ def default_model() -> str | None:
 def default_clip(with_shipped: bool = True) -> str | None:
     """The CLIP used for reranking when none is named: $SDJAX_CLIP, else (with_shipped, i.e. when the shipped
     pipeline is used) the CLIP shipped with sdjax, if installed."""
+    from sdjax.loading import SHIPPED_MODEL
+
     env = os.environ.get("SDJAX_CLIP")
     if env:
         return env

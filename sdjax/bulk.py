@@ -21,19 +21,27 @@ and manifest.<p>.jsonl, and `merge_manifests` can be run once they are copied to
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import socket
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Sequence
 
+from sdjax import interrupts
+
 
 SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")
 GRID_NAME = re.compile(r"^grid-(\d{4,})\.png$")
+TEMP_PREFIX = ".tmp-"
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"  # in temporary names (no '-')
+TEMP_NAME = re.compile(r"^\.tmp-(?:([A-Za-z0-9]*)-)?(\d+)-[0-9a-f]{32}\.(?:png|probe)$")  # older: no host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,30 +154,94 @@ def syntax_fields(prompt_syntax: str, emphasis: str) -> dict:
     return dict(prompt_syntax=prompt_syntax, emphasis=emphasis if prompt_syntax == "a1111" else None)
 
 
+def temporary_name(suffix: str = ".png") -> str:
+    """A temporary file name unique across processes and hosts: `.tmp-<host>-<pid>-<random><suffix>`."""
+    return f"{TEMP_PREFIX}{HOST}-{os.getpid()}-{uuid.uuid4().hex}{suffix}"
+
+
 def save_png_exclusive(image, folder: Path, texts: dict[str, str], pattern=SAMPLE_NAME, width=5, prefix="") -> Path:
-    """Write `image` as the next free `NNNNN.png` in `folder`, atomically, never replacing a file."""
+    """Write `image` as the next free `NNNNN.png` in `folder`, atomically, never replacing a file; the temporary
+    file is removed on every way out (an error such as a full disk, a Ctrl-C: `sdjax.interrupts.writing`)."""
     from PIL import PngImagePlugin
 
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     for k, v in texts.items():
         info.add_text(k, v)
-    tmp = folder / f".tmp-{os.getpid()}-{uuid.uuid4().hex}.png"  # unique across processes and hosts
-    with open(tmp, "wb") as f:
-        image.save(f, format="PNG", pnginfo=info)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = folder / temporary_name()
+    with interrupts.writing(tmp):
+        try:
+            with open(tmp, "wb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+                f.flush()
+                os.fsync(f.fileno())
+            index = next_index(folder, pattern)
+            while True:
+                target = folder / f"{prefix}{index:0{width}d}.png"
+                try:
+                    os.link(tmp, target)  # fails if the name is taken: nothing is overwritten
+                    return target
+                except FileExistsError:
+                    index += 1
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path, max_age: float = 3600.0) -> list[Path]:
+    """Remove the temporary files a killed run left in `folder` (`temporary_name`): those of this host whose process
+    is gone, and any older than `max_age` seconds (another host's: a live write takes a moment). Returns them."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        m = TEMP_NAME.match(path.name)
+        if not m:
+            continue
+        try:
+            stale = now - path.stat().st_mtime > max_age
+            if not stale and m.group(1) in (HOST, None):
+                stale = not process_alive(int(m.group(2)))
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except (OSError, ValueError):
+            continue
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        index = next_index(folder, pattern)
-        while True:
-            target = folder / f"{prefix}{index:0{width}d}.png"
-            try:
-                os.link(tmp, target)  # fails if the name is taken: nothing is overwritten
-                return target
-            except FileExistsError:
-                index += 1
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
+def prepare_outdir(outdir: Path, manifest: str = "manifest.jsonl") -> None:
+    """Make outdir/samples and check, before any image is generated, that files can be written there and that the
+    manifest can be appended to; OSError (naming the path) otherwise: a read-only or full disk, no permission, a
+    file where a folder should be, a folder named like the manifest."""
+    samples = outdir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    path = outdir / manifest
+    if path.exists() and not path.is_file():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    probe = samples / temporary_name(".probe")
+    with interrupts.writing(probe):
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    with open(path, "ab"):
+        pass
 
 
 def next_index(folder: Path, pattern=SAMPLE_NAME) -> int:
@@ -204,10 +276,24 @@ def read_png_texts(path: Path) -> dict[str, str]:
 
 
 def append_manifest(outdir: Path, record: dict, name: str = "manifest.jsonl") -> None:
-    with open(outdir / name, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append `record` as one line, in one write. A last line left without its end (a run killed in the middle of
+    a write, a full disk) is ended first, with a warning, so the new record is never glued to it; readers skip it."""
+    path = outdir / name
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    with interrupts.writing():
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                print(f"sdjax: warning: {path}: its last line is cut short (a run killed while writing it?); it is "
+                      "skipped, and --resume lists its image again", file=sys.stderr)
+                line = b"\n" + line
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def done_jobs(outdir: Path, run_id: str, repair: bool = True) -> dict[tuple, dict]:
@@ -291,17 +377,20 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
     from tqdm import tqdm
 
     from sdjax import distributed
-    from sdjax.pipelines.images import numpy_to_pil
+    from sdjax.pipelines.images import normalise, numpy_to_pil
     from sdjax.prompts import plain_text
 
     outdir = Path(outdir)
     samples = outdir / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
     run_id = spec.run_id()
     process, n_processes = jax.process_index(), jax.process_count()
     manifest = "manifest.jsonl" if n_processes == 1 else f"manifest.{process}.jsonl"
+    prepare_outdir(outdir, manifest)
     done = set()
     if resume:  # process 0 alone mends manifest.jsonl: the others must not list the same image again
+        stale = remove_stale_temporaries(samples) + remove_stale_temporaries(outdir)
+        if stale and process == 0:
+            print(f"sdjax: removed {len(stale)} temporary files a killed run left in {outdir}", file=sys.stderr)
         done = set(done_jobs(outdir, run_id, repair=process == 0))
     if n_processes > 1:
         (outdir / manifest).touch()  # even a process that saves nothing leaves its (empty) manifest
@@ -312,11 +401,11 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
             if p < len(spec.prompts) and it < spec.n_iter and rank < spec.kept:
                 flags[p, it, rank] = True
         done = {tuple(int(v) for v in job) for job in np.argwhere(distributed.any_process(flags))}
-    image = mask = None
+    image = mask = None  # opened once, as the pipeline opens a path (EXIF orientation, 16-bit greyscale, ...)
     if spec.init_image:
-        image = Image.open(spec.init_image).convert("RGB")
+        image = normalise(spec.init_image, "init image")
     if spec.mask:
-        mask = Image.open(spec.mask).convert("L")
+        mask = normalise(spec.mask, "mask_image")
 
     calls = []  # (iteration, [prompt indices]) still to run
     for it in range(spec.n_iter):
@@ -331,55 +420,58 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
     n_images = 0
     handoff = {} if refiner is None else dict(refiner=refiner, high_noise_frac=spec.high_noise_frac,
                                               refiner_num_inference_steps=spec.refiner_steps)
-    for it, prompt_ids in calls:
-        prompts = [spec.prompts[p] for p in prompt_ids]
-        seed = spec.seed + it
-        out = pipe(prompts, [spec.negative_prompt] * len(prompts), height=spec.height, width=spec.width,
-                   num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
-                   seed=[seed] * len(prompts), num_images_per_prompt=spec.per_call, image=image, mask_image=mask,
-                   strength=spec.strength, output_type="np", prompt_syntax=spec.prompt_syntax,
-                   emphasis=spec.emphasis, **handoff)
-        total = len(prompts) * spec.per_call
-        mine = [int(i) for i in out.indices]  # batch positions this process holds (all, with one process)
-        if reranker is not None and n_processes > 1:  # scoring needs every candidate of a prompt
-            images = dict(enumerate(numpy_to_pil(distributed.gather_rows(out.images, mine, total))))
-        else:
-            images = dict(zip(mine, numpy_to_pil(out.images)))
-        n_images += total
-        for j, p in enumerate(prompt_ids):
-            candidates = [images.get(j * spec.per_call + k) for k in range(spec.per_call)]
-            scores = [None] * len(candidates)
-            order = list(range(len(candidates)))
-            if reranker is not None:
-                text = plain_text(spec.prompts[p], spec.prompt_syntax)  # CLIP reads text literally
-                scores = [float(s) for s in reranker.score(candidates, text)]
-                if n_processes > 1:  # every process must keep the same candidates: process 0's scores decide
-                    scores = distributed.from_process_0(np.asarray(scores, np.float32)).tolist()
-                order = sorted(order, key=lambda k: -scores[k])[:spec.kept]
-            for rank, k in enumerate(order[:spec.kept]):
-                job = (p, it, rank)
-                if job in done or j * spec.per_call + k not in mine:  # done, or another process saves it
-                    continue
-                im = candidates[k]
-                handoff_fields = {} if refiner is None else dict(
-                    refiner=spec.refiner, high_noise_frac=spec.high_noise_frac, refiner_steps=spec.refiner_steps)
-                params, record = image_metadata(
-                    prompt=spec.prompts[p], negative=spec.negative_prompt, seed=seed, sampler=spec.sampler,
-                    steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
-                    precision=precision, **({} if spec.model_hash is None else {"model_hash": spec.model_hash}),
-                    run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
-                    **syntax_fields(spec.prompt_syntax, spec.emphasis),
-                    clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
-                    **spec.lora_fields(),
-                    **({"process": process} if n_processes > 1 else {}))
-                path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
-                record["file"] = str(path.relative_to(outdir))
-                append_manifest(outdir, record, manifest)
-                written.append(record)
-                grid_images.append(im)
-        bar.update(1)
-        bar.set_postfix(images_per_s=f"{n_images / (time.perf_counter() - t0):.2f}")
-    bar.close()
+    try:
+        for it, prompt_ids in calls:
+            prompts = [spec.prompts[p] for p in prompt_ids]
+            seed = spec.seed + it
+            out = pipe(prompts, [spec.negative_prompt] * len(prompts), height=spec.height, width=spec.width,
+                       num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
+                       seed=[seed] * len(prompts), num_images_per_prompt=spec.per_call, image=image, mask_image=mask,
+                       strength=spec.strength, output_type="np", prompt_syntax=spec.prompt_syntax,
+                       emphasis=spec.emphasis, **handoff)
+            total = len(prompts) * spec.per_call
+            mine = [int(i) for i in out.indices]  # batch positions this process holds (all, with one process)
+            if reranker is not None and n_processes > 1:  # scoring needs every candidate of a prompt
+                images = dict(enumerate(numpy_to_pil(distributed.gather_rows(out.images, mine, total))))
+            else:
+                images = dict(zip(mine, numpy_to_pil(out.images)))
+            n_images += total
+            for j, p in enumerate(prompt_ids):
+                candidates = [images.get(j * spec.per_call + k) for k in range(spec.per_call)]
+                scores = [None] * len(candidates)
+                order = list(range(len(candidates)))
+                if reranker is not None:
+                    text = plain_text(spec.prompts[p], spec.prompt_syntax)  # CLIP reads text literally
+                    scores = [float(s) for s in reranker.score(candidates, text)]
+                    if n_processes > 1:  # every process must keep the same candidates: process 0's scores decide
+                        scores = distributed.from_process_0(np.asarray(scores, np.float32)).tolist()
+                    order = sorted(order, key=lambda k: -scores[k])[:spec.kept]
+                for rank, k in enumerate(order[:spec.kept]):
+                    job = (p, it, rank)
+                    if job in done or j * spec.per_call + k not in mine:  # done, or another process saves it
+                        continue
+                    im = candidates[k]
+                    handoff_fields = {} if refiner is None else dict(
+                        refiner=spec.refiner, high_noise_frac=spec.high_noise_frac, refiner_steps=spec.refiner_steps)
+                    params, record = image_metadata(
+                        prompt=spec.prompts[p], negative=spec.negative_prompt, seed=seed, sampler=spec.sampler,
+                        steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
+                        precision=precision, **({} if spec.model_hash is None else {"model_hash": spec.model_hash}),
+                        run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
+                        **syntax_fields(spec.prompt_syntax, spec.emphasis),
+                        clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
+                        **spec.lora_fields(),
+                        **({"process": process} if n_processes > 1 else {}))
+                    with interrupts.writing():  # a Ctrl-C leaves no saved image without its manifest line
+                        path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
+                        record["file"] = str(path.relative_to(outdir))
+                        append_manifest(outdir, record, manifest)
+                    written.append(record)
+                    grid_images.append(im)
+            bar.update(1)
+            bar.set_postfix(images_per_s=f"{n_images / (time.perf_counter() - t0):.2f}")
+    finally:
+        bar.close()  # on an error too: the bar's line ends, the error gets a line of its own
     if n_processes > 1:
         distributed.barrier(f"sdjax-bulk-saved-{run_id}")  # every process's files and manifest lines are written
         if process != 0:
@@ -417,12 +509,12 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
     numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
     a manifest.jsonl line per image, as `run_bulk`. `pipe`: a StableDiffusionUpscalePipeline. Returns the manifest
     records written. prompt_syntax, emphasis: how the prompts are read (`sdjax.prompts`)."""
-    from PIL import Image
+    from sdjax.pipelines.images import normalise
 
     outdir = Path(outdir)
+    prepare_outdir(outdir)
     samples = outdir / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
-    low = Image.open(init_image).convert("RGB")
+    low = normalise(init_image, "init image")
     settings = dict(mode="upscale", prompts=list(prompts), negative=negative_prompt, n_samples=n_samples,
                     steps=steps, scale=scale, noise_level=noise_level, sampler=sampler, seed=seed,
                     tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image),
@@ -441,8 +533,9 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
                 **({} if model_hash is None else {"model_hash": model_hash}), run_id=run_id, job=[p, 0, k],
                 batch_position=k, mode="upscale", noise_level=noise_level, init_image=str(init_image),
                 tile_size=tile_size, tile_overlap=tile_overlap, **syntax_fields(prompt_syntax, emphasis))
-            path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
-            record["file"] = str(path.relative_to(outdir))
-            append_manifest(outdir, record)
+            with interrupts.writing():
+                path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
+                record["file"] = str(path.relative_to(outdir))
+                append_manifest(outdir, record)
             written.append(record)
     return written

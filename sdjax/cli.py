@@ -12,12 +12,12 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, load_embeddings, load_pipeline,
-                       model_hash,
-                       one_line)
+from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, failure_line, load_embeddings,
+                       load_pipeline, model_hash, one_line, os_error_line)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
 SAMPLER_FLAGS = {"plms": "pndm", "dpm_solver": "dpmpp_2m"}
+MAX_SIDE = 16384  # pixels: sdjax.pipelines.base.MAX_SIDE, here to refuse --H 100000 before JAX is imported
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +77,10 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     p.add_argument("--config", help="a YAML run config; flags given here override its values")
     _add_embedding_flag(p)
+    p.add_argument("--attention-chunking", dest="attention_chunking", action="store_true",
+                   help="compute attention in chunks of 1024 queries: same images, less memory (large sizes)")
+    p.add_argument("--vae-tiling", dest="vae_tiling", action="store_true",
+                   help="decode large images tile by tile (diffusers' tiled decode): less memory")
     p.add_argument("--rerank-model", dest="rerank_model", help="a CLIP model folder for reranking")
     p.add_argument("--n-candidates", dest="n_candidates", type=int,
                    help="generate this many images per prompt and iteration, keep the best by CLIP score")
@@ -117,24 +121,60 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
     "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "embedding": "embedding",
-    "embeddings": "embedding",
+    "embeddings": "embedding", "attention_chunking": "attention_chunking", "vae_tiling": "vae_tiling",
 }
 
 
+INT_SETTINGS = {"n_samples", "n_iter", "ddim_steps", "H", "W", "seed", "n_candidates", "keep", "prompts_per_batch",
+                "refiner_steps", "noise_level", "tile_size", "tile_overlap"}
+FLOAT_SETTINGS = {"scale", "strength", "high_noise_frac"}
+
+
+def _config_value_error(key: str, value) -> str | None:
+    """What is wrong with the type of a --config value (None if nothing); ranges are checked with the flags'."""
+    dest = CONFIG_KEYS[key]
+    if dest in INT_SETTINGS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "an integer"
+    elif dest in FLOAT_SETTINGS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "a finite number"
+    elif dest in ("attention_chunking", "vae_tiling"):
+        if not isinstance(value, bool):
+            return "true or false"
+    elif dest == "mesh":
+        if not isinstance(value, (dict, int, str)) or isinstance(value, bool):
+            return "a mapping such as {data: -1}, or a device count"
+    elif not isinstance(value, str):
+        return "a string"
+    return None
+
+
 def load_config(path: str) -> dict:
+    """A YAML run config as settings {flag dest: value}: known keys only, values of the right types (null: as if
+    the key were not there)."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it: {os_error_line(e)}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of settings")
-    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    unknown = sorted(str(k) for k in set(data) - set(CONFIG_KEYS))
     if unknown:
         raise UsageError(f"--config {path}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, value in data.items():
+        expected = _config_value_error(key, value)
+        if expected:
+            raise UsageError(f"--config {path}: {key} must be {expected}, got {value!r}")
     return {CONFIG_KEYS[k]: v for k, v in data.items()}
 
 
@@ -171,8 +211,8 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
         if int(s[key]) < 1:
             raise UsageError(f"{flag} must be at least 1, got {s[key]}")
     for key in ("H", "W"):
-        if s.get(key) is not None and int(s[key]) < 1:
-            raise UsageError(f"--{key} must be positive, got {s[key]}")
+        if s.get(key) is not None and not 1 <= int(s[key]) <= MAX_SIDE:
+            raise UsageError(f"--{key} must be between 1 and {MAX_SIDE} pixels, got {s[key]}")
     if s.get("n_candidates") is not None:
         if int(s["n_candidates"]) < 1:
             raise UsageError(f"--n-candidates must be at least 1, got {s['n_candidates']}")
@@ -218,6 +258,8 @@ def _check_refiner_settings(s: dict, mode: str) -> None:
 def read_prompts(s: dict) -> list[str]:
     if s.get("from_file"):
         path = Path(s["from_file"])
+        if path.is_dir():
+            raise UsageError(f"--from-file {path}: a folder, not a text file")
         if not path.is_file():
             raise UsageError(f"--from-file {path}: no such file")
         try:
@@ -226,6 +268,8 @@ def read_prompts(s: dict) -> list[str]:
             prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except UnicodeDecodeError:
             raise UsageError(f"--from-file {path}: not a UTF-8 text file") from None
+        except OSError as e:
+            raise UsageError(f"--from-file {path}: cannot read it: {os_error_line(e)}") from None
         if not prompts:
             raise UsageError(f"--from-file {path}: the file has no prompts (one prompt per line)")
         return prompts
@@ -233,7 +277,8 @@ def read_prompts(s: dict) -> list[str]:
     return [DEFAULT_PROMPT if s.get("prompt") is None else s["prompt"]]
 
 
-def _check_image(path: str, flag: str):
+def _check_image(path: str, flag: str) -> tuple[int, int]:
+    """The (width, height) of an image file, upright (EXIF orientation); one line if it cannot be used."""
     from PIL import Image, UnidentifiedImageError
 
     if not Path(path).is_file():
@@ -241,8 +286,40 @@ def _check_image(path: str, flag: str):
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            size = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
+                size = size[::-1]
+    except Image.DecompressionBombError as e:
+        raise UsageError(f"{flag} {path}: {one_line(e)}") from None
+    except PermissionError as e:
+        raise UsageError(f"{flag} {path}: cannot read it: {os_error_line(e)}") from None
     except (UnidentifiedImageError, OSError, SyntaxError):
         raise UsageError(f"{flag} {path}: not an image PIL can read (PNG, JPEG, ...)") from None
+    if max(size) > MAX_SIDE:
+        raise UsageError(f"{flag} {path}: {size[0]}x{size[1]} pixels, larger than sdjax takes ({MAX_SIDE} pixels a "
+                         "side); make it smaller first")
+    return size
+
+
+def run_size(s: dict, image_size: tuple[int, int], f: int, max_pixels: int | None) -> tuple[int, int]:
+    """(height, width) of an img2img/inpaint run: --H/--W where given (the image is resized to them), else the
+    init image's size in multiples of `f`, scaled down where it is larger than `max_pixels`. A line on stderr
+    says when the image is resized."""
+    width, height = image_size
+    if s.get("H") is None and s.get("W") is None:
+        scale = min(1.0, math.sqrt(max_pixels / (width * height))) if max_pixels else 1.0
+        h, w = max(int(height * scale) // f * f, f), max(int(width * scale) // f * f, f)
+        reason = f"larger than {max_pixels / 1e6:.3g} megapixels per device; give --H and --W to choose the size"
+        if scale == 1:  # rounded to the VAE factor only, as the library does: not worth a line
+            return h, w
+    else:
+        h = int(s.get("H") or round(height * int(s["W"]) / width / f) * f or f)
+        w = int(s.get("W") or round(width * int(s["H"]) / height / f) * f or f)
+        reason = "--H and --W"
+    if (h, w) != (height, width):
+        print(f"sdjax: --init-img is {width}x{height}: resized to {w}x{h} ({reason})", file=sys.stderr)
+    return h, w
 
 
 def load_refiner(s: dict, base, precision: str):
@@ -278,18 +355,33 @@ def start_processes(s: dict) -> tuple[int, int]:
         raise UsageError(one_line(e)) from None
 
 
+def set_memory_savers(pipe, s: dict) -> None:
+    """--attention-chunking and --vae-tiling."""
+    if s.get("attention_chunking"):
+        pipe.enable_attention_chunking()
+    if s.get("vae_tiling"):
+        pipe.enable_vae_tiling()
+
+
 def cmd_generate(args, mode: str) -> int:
-    from sdjax.bulk import RunSpec, run_bulk
+    from sdjax.bulk import RunSpec, prepare_outdir, run_bulk
+    from sdjax.pipelines.base import ImageTooLargeError
 
     s = resolve_settings(args, mode)
     prompts = read_prompts(s)
+    image_size = None
     if mode != "txt2img":
-        _check_image(s["init_img"], "--init-img")
+        image_size = _check_image(s["init_img"], "--init-img")
     if mode == "inpaint":
         _check_image(s["mask"], "--mask")
     outdir = Path(s.get("outdir") or f"outputs/{mode}-samples")
+    try:  # before the model loads: a folder that cannot take the images fails at once
+        prepare_outdir(outdir)
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: {os_error_line(e)}") from None
     process, n_processes = start_processes(s)
     pipe, precision, ckpt = load_pipeline(s)
+    set_memory_savers(pipe, s)
     from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     if isinstance(pipe, StableDiffusionUpscalePipeline):
@@ -303,6 +395,17 @@ def cmd_generate(args, mode: str) -> int:
         if s.get(key) is not None and int(s[key]) % f:
             raise UsageError(f"--{key} {s[key]} is not a multiple of {f} (this model's VAE factor); "
                              f"try {int(s[key]) // f * f or f}")
+    per_call = int(s.get("n_candidates") or s["n_samples"]) * int(s.get("prompts_per_batch") or 1)
+    limit = pipe.max_pixels()
+    if image_size is not None:
+        per_device = -(-per_call // pipe.mesh.devices.size)
+        s["H"], s["W"] = run_size(s, image_size, f, limit and limit // per_device)
+    try:
+        pipe.check_size(int(s.get("H") or pipe.default_size), int(s.get("W") or pipe.default_size), per_call)
+    except ImageTooLargeError as e:
+        raise UsageError(f"--H/--W/--n_samples: {e.pixels / 1e6:.3g} megapixels per device, above the limit of "
+                         f"{e.limit / 1e6:.3g}; make fewer or smaller images per batch, or add --attention-chunking "
+                         "and --vae-tiling (each doubles the limit)") from None
     reranker = None
     if s.get("n_candidates"):
         import jax
@@ -386,8 +489,11 @@ def cmd_train(args) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise UsageError(f"--lr must be a finite number above 0, got {args.lr}")
+    for flag, value in (("--warmup", args.warmup), ("--checkpoint-every", args.checkpoint_every)):
+        if value < (0 if flag == "--warmup" else 1):
+            raise UsageError(f"{flag} must be at least {0 if flag == '--warmup' else 1}, got {value}")
     for flag, value in (("--data", args.data), ("--vae", args.vae), ("--clip", args.clip),
                         ("--pipeline", args.pipeline)):
         if value is not None and not Path(value).is_dir():
@@ -399,12 +505,11 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup=min(args.warmup, max(args.steps - 1, 1)), seed=args.seed,
                       checkpoint_every=args.checkpoint_every)
-    try:
-        result = train_stage(args.stage, args.out, cfg, data=args.data, vae=args.vae, clip=args.clip,
-                             pipeline=args.pipeline, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                             dtype=np.float16 if args.fp16 else None)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise UsageError(one_line(e)) from None
+    # its failures (a file as --out, data outside --data, a diverging loss, checkpoints that do not fit --resume)
+    # are ValueError/OSError: one line from main
+    result = train_stage(args.stage, args.out, cfg, data=args.data, vae=args.vae, clip=args.clip,
+                         pipeline=args.pipeline, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                         dtype=np.float16 if args.fp16 else None)
     losses = result["losses"]
     print(f"sdjax: {args.stage} trained {args.steps} steps (last loss {float(losses[-1]):.4f}); "
           f"saved in {result['out']}")
@@ -466,7 +571,7 @@ def _add_upscale_parser(sub) -> None:
 
 def cmd_upscale(args) -> int:
     """`sdjax upscale`: `sdjax.bulk.upscale_to_folder` on --init-img, once per prompt."""
-    from sdjax.bulk import upscale_to_folder
+    from sdjax.bulk import prepare_outdir, upscale_to_folder
     from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     given = load_config(args.config) if args.config else {}
@@ -483,6 +588,11 @@ def cmd_upscale(args) -> int:
     if not s.get("ckpt"):
         raise UsageError("upscale needs --ckpt: a diffusers x4 upscaler folder or hub id (e.g. "
                          "stabilityai/stable-diffusion-x4-upscaler); no upscaler ships with sdjax")
+    outdir = Path(s.get("outdir") or "outputs/upscale-samples")
+    try:  # before the model loads
+        prepare_outdir(outdir)
+    except OSError as e:
+        raise UsageError(f"--outdir {outdir}: {os_error_line(e)}") from None
     pipe, precision, ckpt = load_pipeline(s)
     if not isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
@@ -490,7 +600,6 @@ def cmd_upscale(args) -> int:
     tile_size = s.get("tile_size") or pipe.unet.config.sample_size
     if s.get("tile_overlap") is not None and s["tile_overlap"] >= tile_size:
         raise UsageError(f"--tile-overlap {s['tile_overlap']} must be smaller than the tile size {tile_size}")
-    outdir = Path(s.get("outdir") or "outputs/upscale-samples")
     try:
         records = upscale_to_folder(
             pipe, s["init_img"], prompts, outdir, negative_prompt=s.get("negative_prompt") or "",
@@ -576,10 +685,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "sdjax: interrupted"
+RESUMABLE = {"txt2img", "img2img", "inpaint", "train"}  # the commands with --resume
+
+
 def main(argv=None) -> int:
+    """The `sdjax` command. Expected failures (`sdjax.app.failure_line`) end with one line on stderr and exit code 2.
+    From the shell (argv None), Ctrl-C ends the process at once with exit code 130 and one line, never in the
+    middle of writing a file (`sdjax.interrupts`); called with argv (in-process), a KeyboardInterrupt returns 130."""
+    from sdjax import interrupts
+
+    if argv is None:  # first, before the heavy imports: from here on Ctrl-C never raises
+        interrupts.install(INTERRUPTED)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command in RESUMABLE:
+            interrupts.set_message(f"{INTERRUPTED} (run the same command with --resume to continue)")
         if args.command is None:
             parser.print_help()
             return 2
@@ -588,6 +710,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             from sdjax.demo import cmd_demo
 
+            interrupts.uninstall()  # the web server stops on Ctrl-C its own way
             return cmd_demo(args)
         if args.command == "train":
             return cmd_train(args)
@@ -598,12 +721,15 @@ def main(argv=None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
         return cmd_generate(args, args.command)
-    except UsageError as e:
-        print(f"sdjax: error: {one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("sdjax: interrupted (use --resume to continue)", file=sys.stderr)
+        print(f"{INTERRUPTED} (use --resume to continue)", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 (expected failures become one line; anything else keeps its traceback)
+        line = failure_line(e)
+        if line is None:
+            raise
+        print(f"sdjax: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -146,9 +146,15 @@ def read_caption_folder(folder: str | Path) -> list[tuple[Path, str]]:
             raise ValueError(f"{index}:{n}: expected {{\"file\": ..., \"caption\": ...}}") from None
         if not isinstance(text, str):
             raise ValueError(f"{index}:{n}: no caption")
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{index}:{n}: {folder / name}: no such file")
-        items.append((folder / name, text))
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{index}:{n}: \"file\" must be a file name, got {name!r}")
+        path = folder / name
+        # the data set is the folder: no absolute paths, no ../, no symlinks leading out of it
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{index}:{n}: {name!r} is outside {folder}; list files inside the data folder")
+        if not path.is_file():
+            raise FileNotFoundError(f"{index}:{n}: {path}: no such file")
+        items.append((path, text))
     if not items:
         raise ValueError(f"{index}: no images listed")
     return items
@@ -163,7 +169,12 @@ def folder_batches(folder: str | Path, seed: int, batch_size: int, size: int):
 
     def load(i):
         if i not in cache:
-            with Image.open(items[i][0]) as im:
+            try:
+                im = Image.open(items[i][0])
+                im.load()
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                raise ValueError(f"{items[i][0]}: not an image PIL can read ({' '.join(str(e).split())})") from None
+            with im:
                 im = im.convert("RGB")
                 s = min(im.size)
                 left, top = (im.width - s) // 2, (im.height - s) // 2

@@ -24,6 +24,9 @@ import math
 import mmap
 import os
 import re
+import reprlib
+import types
+import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,18 +128,37 @@ def weight_files(folder: Path, stems: Iterable[str], variant: str | None = None)
         name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
         if (folder / name).is_file():
             return [folder / name]
+        if (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name}: not a file")
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index}: shard files missing: {', '.join(missing)}")
-            return [folder / s for s in shards]
-    found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
-    hint = f" (found: {', '.join(found)}; pass variant=...?)" if found else ""
+            return [folder / s for s in read_weight_index(index)]
+    found = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
+    hint = f" (there is {', '.join(found)}: another variant=?)" if found else ""
     raise FileNotFoundError(
         f"no {'/'.join(stems)}{'.' + variant if variant else ''}.safetensors weights in {folder}{hint}"
     )
+
+
+def read_weight_index(index: Path) -> list[str]:
+    """The shard file names a `*.safetensors.index.json` lists (its `weight_map` values), checked: the index is a
+    JSON object whose weight_map maps tensor names to file names in its own folder, and every shard is there."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map (an object of tensor name -> shard file name)")
+    shards = set()
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a file name in the index's folder")
+        shards.add(shard)
+    missing = [s for s in sorted(shards) if not (index.parent / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shard files missing: {', '.join(missing)}")
+    return sorted(shards)
 
 
 class LazyCheckpoint(Mapping[str, np.ndarray]):
@@ -350,6 +372,48 @@ CONFIG_BOOKKEEPING = frozenset({
 _WARNED_UNKNOWN: set[tuple[str, tuple[str, ...]]] = set()
 
 
+def type_mismatch(value, hint) -> str | None:
+    """None if `value` (from a JSON config) fits the type `hint` of a config dataclass field, else what it should
+    be, in words. JSON has no tuples: a list stands for a tuple; an int is a float; a bool is not a number;
+    non-finite floats are refused; a nested config dataclass takes a dict."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        wrong = [type_mismatch(value, a) for a in args]
+        return None if None in wrong else " or ".join(dict.fromkeys(wrong))
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            wrong = next((w for w in (type_mismatch(v, args[0]) for v in value) if w), None)
+            return f"a list of {_plural(wrong)}" if wrong else None
+        if len(value) != len(args) or any(type_mismatch(v, a) for v, a in zip(value, args)):
+            return f"a list of {len(args)} values"
+        return None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "an object"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, (dict, hint)) else "an object"
+    return None
+
+
+def _plural(what: str) -> str:
+    return {"an integer": "integers", "a finite number": "finite numbers", "a string": "strings",
+            "true or false": "true/false values"}.get(what, what)
+
+
 def config_fields(cls: type, d: Mapping[str, Any], *, refuse: Mapping[str, tuple] | None = None,
                   ignore: Iterable[str] = ()) -> dict[str, Any]:
     """The entries of a diffusers/transformers config dict `d` that are fields of the dataclass `cls`.
@@ -363,6 +427,11 @@ def config_fields(cls: type, d: Mapping[str, Any], *, refuse: Mapping[str, tuple
       as diffusers and transformers drop keys they do not know.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for name in fields & set(d):
+        expected = type_mismatch(d[name], hints[name])
+        if expected:
+            raise ValueError(f"{cls.__name__}: {name} = {reprlib.repr(d[name])} must be {expected}")
     refuse = refuse or {}
     for name, allowed in refuse.items():
         if name in d and d[name] not in allowed:
@@ -476,10 +545,16 @@ class PretrainedModel:
             raise FileNotFoundError(f"{folder}: no config.json (is this a {cls.__name__} folder?)")
         try:
             raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            config = cls._parse_config(raw)
+        except ValueError as e:
+            raise ValueError(f"{config_file}: {e}") from None
         checkpoint = read_checkpoint(weight_files(folder, cls.weight_stems, variant))
-        return cls.from_state(raw, checkpoint, dtype=dtype, param_dtype=param_dtype, sharding=sharding,
+        return cls.from_state(config, checkpoint, dtype=dtype, param_dtype=param_dtype, sharding=sharding,
                               name=f"{cls.__name__} from {folder}")
 
     @classmethod

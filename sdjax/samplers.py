@@ -153,15 +153,22 @@ class SchedulerConfig:
             if value is None:
                 continue
             if name in ("trained_betas", "disable_corrector"):
+                if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                    raise ValueError(f"scheduler config {name} must be a list of numbers, got {value!r:.80}")
                 value = tuple(float(v) if name == "trained_betas" else int(v) for v in value)
             elif name in ("num_train_timesteps", "steps_offset", "solver_order"):
-                if isinstance(value, bool) or int(value) != value:
+                if not _is_number(value) or int(value) != value:
                     raise ValueError(f"scheduler config {name}={value!r} must be an integer")
                 value = int(value)
             elif name in ("beta_start", "beta_end", "clip_sample_range"):
+                if not _is_number(value):
+                    raise ValueError(f"scheduler config {name}={value!r} must be a finite number")
                 value = float(value)
             elif name in ("set_alpha_to_one", "clip_sample", "use_karras_sigmas", "lower_order_final", "predict_x0"):
-                value = bool(value)
+                if not isinstance(value, bool):
+                    raise ValueError(f"scheduler config {name}={value!r} must be true or false")
+            elif not isinstance(value, str):  # the names of _CHOICES
+                raise ValueError(f"scheduler config {name}={value!r} must be a string")
             kw[name] = value
         config = cls(**kw)
         if config.num_train_timesteps is not None and config.num_train_timesteps < 2:
@@ -182,6 +189,10 @@ class SchedulerConfig:
             value = getattr(self, f.name)
             values[f.name] = (defaults.get(f.name) if value is None else value) if f.name in keys else None
         return SchedulerConfig(**values)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def diffusers_config(name: str, config: Mapping[str, Any]) -> dict:

@@ -24,7 +24,9 @@ diffusers pipeline folder.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -86,6 +88,26 @@ class TrainConfig:
     kl_weight: float = 1e-3  # vae: weight of KL(q(z|x) || N(0, 1)) per latent element vs. per-pixel recon
     cfg_dropout: float = 0.1  # unet: fraction of prompts replaced by ""
     crop: int | None = None  # vae: train on random crops of this size (the VAE is convolutional: cheaper steps)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"TrainConfig {name} must be an integer of at least 1, got {value!r}")
+        for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("clip_norm", 0.0, None),
+                                ("ema_decay", 0.0, 1.0), ("kl_weight", 0.0, None), ("cfg_dropout", 0.0, 1.0)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                    or not math.isfinite(value) or value < low or (high is not None and value > high)
+                    or (name == "lr" and value == 0)):
+                where = f"in [{low}, {high}]" if high is not None else ("above 0" if name == "lr" else "at least 0")
+                raise ValueError(f"TrainConfig {name} must be a finite number {where}, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, np.integer)) or self.warmup < 0:
+            raise ValueError(f"TrainConfig warmup must be an integer of at least 0, got {self.warmup!r}")
+
+
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """The loss or the weights became NaN or infinite: the run stops and writes no model."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +194,15 @@ def fit(model: nnx.Module, loss_fn: Callable, batches: Callable[[int], dict], cf
         manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
         if resume and manager.latest_step() is not None:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+            latest = manager.latest_step()
+            try:
+                state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:  # noqa: BLE001 (orbax raises many types; all mean this checkpoint does not fit)
+                manager.close()  # its threads end now, not in a traceback at exit
+                raise ValueError(
+                    f"{checkpoint_dir}: cannot resume from the checkpoint of step {latest} "
+                    f"({' '.join(str(e).split())[:300] or type(e).__name__}); resume with the settings of that run "
+                    "(steps, batch size, model), or start again in an empty checkpoint folder") from None
         elif not resume and manager.latest_step() is not None:
             raise FileExistsError(f"{checkpoint_dir} already has checkpoints: pass resume=True to continue, "
                                   "or use an empty folder")
@@ -181,19 +211,30 @@ def fit(model: nnx.Module, loss_fn: Callable, batches: Callable[[int], dict], cf
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=description, disable=not progress,
                dynamic_ncols=True)
     recent = []
-    for step in bar:
-        batch = jax.device_put(batches(step), batched)
-        state, loss = step_fn(state, rest, frozen_states, batch)
-        recent.append(loss)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            bar.set_postfix(loss=f"{float(np.mean(jax.device_get(recent))):.4f}")
-            recent = []
+    try:
+        for step in bar:
+            batch = jax.device_put(batches(step), batched)
+            state, loss = step_fn(state, rest, frozen_states, batch)
+            recent.append(loss)
+            checkpoint = manager is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or checkpoint:
+                mean = float(np.mean(jax.device_get(recent)))
+                if not math.isfinite(mean):  # before a checkpoint of it is written
+                    raise TrainingDivergedError(
+                        f"training diverged: the loss is {mean} by step {step + 1}; no model is written (lower the "
+                        "learning rate, or check the data)")
+                bar.set_postfix(loss=f"{mean:.4f}")
+                recent = []
+            if manager is not None:
+                manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == cfg.steps)
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.ema)):
+            raise TrainingDivergedError("training diverged: the weights are NaN or infinite; no model is written "
+                                        "(lower the learning rate)")
+    finally:
         if manager is not None:
-            manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == cfg.steps)
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    bar.close()
+            manager.wait_until_finished()
+            manager.close()
+        bar.close()
     nnx.update(model, state.ema)
     return model, np.asarray(jax.device_get(state.losses))
 
@@ -488,12 +529,17 @@ def train_stage(stage: str, out: str | Path, cfg: TrainConfig = TrainConfig(), *
     raises ValueError before any model is loaded. checkpoint_dir: default `out`/../`<out name>.checkpoints`.
     dtype: storage dtype of the written weights (e.g. np.float16).
     """
+    from sdjax import data as data_lib
     from sdjax.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
     from sdjax.tokenizer import Tokenizer
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():  # found now, not after the training
+        raise FileExistsError(errno.EEXIST, "a file, where the output folder should be", str(out))
+    if data is not None:
+        data_lib.read_caption_folder(data)  # its errors now, before any model is built
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.checkpoints"
     kw = dict(checkpoint_dir=checkpoint_dir, resume=resume, mesh=mesh, progress=progress, description=stage)
     result: dict[str, Any] = {"out": out}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -381,3 +382,35 @@ def a1111_chunks(tok, fragments, groups=None):
         ids.append(row + [tok.pad_token_id] * (77 - len(row)))
         weights.append([1.0] + [w for _, w in chunk] + [1.0] * (76 - len(chunk)))
     return torch.tensor(ids), torch.tensor(weights, dtype=torch.float32)
+
+
+SHIPPED_PIPELINE = Path(__file__).resolve().parents[1] / "sdjax" / "default_model" / "pipeline"
+TINY_RUN = ["--H", "32", "--W", "32", "--ddim_steps", "1", "--n_samples", "1", "--skip_grid"]  # the fastest images
+
+
+def cli_messages(stderr: str) -> list[str]:
+    """The lines of the `sdjax` command's stderr that are messages, without its progress bars (tqdm redraws with
+    \\r; a message after a bar starts a line of its own)."""
+    parts = stderr.replace("\r", "\n").splitlines()
+    return [p for p in parts if p.strip() and not re.match(r"^\S+: +\d+%\|", p)]
+
+
+def cli_command(*args: str) -> tuple[list[str], dict]:
+    """(argv, environment) of `python -m sdjax.cli *args` on the CPU, this checkout's sdjax first on the path."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    return [sys.executable, "-m", "sdjax.cli", *args], env
+
+
+def run_cli(*args: str, timeout: float = 300):
+    """`sdjax *args` in a fresh process (`cli_command`): subprocess.CompletedProcess with text stdout/stderr and
+    `.messages` (`cli_messages` of stderr)."""
+    import subprocess
+
+    argv, env = cli_command(*args)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    done.messages = cli_messages(done.stderr)
+    return done

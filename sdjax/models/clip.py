@@ -160,6 +160,9 @@ class CLIPConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
         d = dict(d)
+        for key in ("text_config", "vision_config", "text_config_dict", "vision_config_dict"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ValueError(f"CLIPConfig: {key} must be an object, got {type(d[key]).__name__}")
         # older files carry `text_config_dict` / `vision_config_dict`, which override `text_config` / `vision_config`
         text = {**(d.get("text_config") or {}), **(d.get("text_config_dict") or {})}
         vision = {**(d.get("vision_config") or {}), **(d.get("vision_config_dict") or {})}

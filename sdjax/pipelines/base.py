@@ -32,6 +32,21 @@ from sdjax.pipelines.program import (
 from sdjax.pipelines.textual_inversion import TextualInversionMixin
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+# Size limits, checked before anything is compiled (a size beyond what a device can hold would otherwise compile
+# for minutes, then fail or take the process down with it):
+MAX_SIDE = 16384  # pixels, either side of an image
+# images per device x height x width, with neither memory saver on; x2 with attention chunking, x2 more with VAE
+# tiling (the two parts whose memory grows fastest with the size: self-attention over the latent pixels, the
+# full-size decode). 4 megapixels: e.g. 4 SDXL images of 1024x1024, or one 2048x2048, on each device.
+MAX_PIXELS_PER_DEVICE = 2048 * 2048
+
+
+class ImageTooLargeError(ValueError):
+    """A call asks for more pixels than `DiffusionPipeline.max_pixels()` allows on one device."""
+
+    def __init__(self, message: str, *, pixels: int, limit: int):
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
 
 
 @dataclasses.dataclass
@@ -128,6 +143,8 @@ class DiffusionPipeline(TextualInversionMixin):
         self.mesh = mesh or data_mesh()
         self.vae_tiling = False
         self.vae_tile_size = None
+        self.attention_chunk: int | None = None
+        self.max_pixels_per_device: int | None = MAX_PIXELS_PER_DEVICE  # None: no limit (you know your devices)
         self._replicated = NamedSharding(self.mesh, P())
         self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Plan, Any] = {}
@@ -167,6 +184,7 @@ class DiffusionPipeline(TextualInversionMixin):
 
     def enable_attention_chunking(self, query_chunk: int | None = 1024) -> None:
         """Compute attention in chunks of `query_chunk` queries (same numbers, less memory); None turns it off."""
+        self.attention_chunk = query_chunk
         for module in (self.unet, self.vae):
             for _, m in nnx.iter_modules(module):
                 if isinstance(m, Attention):
@@ -246,6 +264,32 @@ class DiffusionPipeline(TextualInversionMixin):
             self._adapters = Adapters(networks, Targets(networks, layers_per_block=layers_per_block, sdxl=sdxl))
         return self._adapters
 
+    # -- size limits ------------------------------------------------------------------------------------------------
+
+    def max_pixels(self) -> int | None:
+        """The most pixels (images per device x height x width) one device may be asked for: `max_pixels_per_device`
+        (default `MAX_PIXELS_PER_DEVICE`), doubled with attention chunking and again with VAE tiling; None: no
+        limit."""
+        if self.max_pixels_per_device is None:
+            return None
+        return self.max_pixels_per_device * (2 if self.attention_chunk else 1) * (2 if self.vae_tiling else 1)
+
+    def check_size(self, height: int, width: int, n_images: int) -> None:
+        """ImageTooLargeError (a ValueError) if `n_images` images of height x width are beyond `MAX_SIDE` or, spread
+        over the devices, beyond `max_pixels()`: before anything is compiled."""
+        if max(height, width) > MAX_SIDE:
+            raise ImageTooLargeError(f"{height}x{width} images: larger than sdjax takes ({MAX_SIDE} pixels a side)",
+                                     pixels=height * width, limit=MAX_SIDE * MAX_SIDE)
+        limit = self.max_pixels()
+        per_device = -(-n_images // self.mesh.devices.size)
+        pixels = per_device * height * width
+        if limit is not None and pixels > limit:
+            raise ImageTooLargeError(
+                f"{per_device} image(s) of {height}x{width} per device are {pixels / 1e6:.3g} megapixels, above the "
+                f"limit of {limit / 1e6:.3g} (sdjax.pipelines.base.MAX_PIXELS_PER_DEVICE, x2 with "
+                "enable_attention_chunking(), x2 with enable_vae_tiling(); pipe.max_pixels_per_device = None lifts "
+                "it): make fewer or smaller images per call", pixels=pixels, limit=limit)
+
     # -- one call ----------------------------------------------------------------------------------------------------
 
     def generate_images(self, prompt, negative_prompt, *, height, width, num_inference_steps, guidance_scale,
@@ -274,7 +318,7 @@ class DiffusionPipeline(TextualInversionMixin):
         seed = check_seed(seed, len(prompts))
         for name, value in (("height", height), ("width", width)):
             if value is not None:
-                check_number(value, name, low=1, integer=True)
+                check_number(value, name, low=1, high=MAX_SIDE, integer=True)
 
         n = len(prompts) * n_per
         f = self.vae_scale_factor
@@ -298,6 +342,7 @@ class DiffusionPipeline(TextualInversionMixin):
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f} (the VAE factor), "
                              f"got {height}x{width}")
+        self.check_size(height, width, n)
         if mask_image is not None:
             masks = images_lib.load_masks(mask_image, len(prompts), height, width)[prompt_index]
         if images is not None and not np.isfinite(images).all():

@@ -40,10 +40,18 @@ def require_components(folder: Path, index: dict, parts) -> None:
 
 
 def read_scheduler_config(folder: Path, part: str = "scheduler") -> dict:
+    """`part`/scheduler_config.json, checked now (`SchedulerConfig.from_dict`), not at the first image."""
+    from sdjax.samplers import SchedulerConfig
+
     path = folder / part / "scheduler_config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
-    return read_json_object(path)
+    config = read_json_object(path)
+    try:
+        SchedulerConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
 
 
 class FolderSource:
