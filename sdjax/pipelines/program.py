@@ -29,18 +29,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sdjax import compile_cache
 from sdjax.models.layers import nearest_resize
 from sdjax.pipelines.noise import STREAM_IMAGE_LATENTS, STREAM_MASKED_LATENTS, STREAM_STEP, image_noise
 
 MODES = ("txt2img", "img2img", "inpaint")
 
 
-def enable_compilation_cache(path: str | os.PathLike) -> None:
-    """Keep compiled programs on disk so that a second process skips most of the compile time."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled programs on disk so that a second process skips most of the compile time (every program,
+    however fast it compiled). path None: the `sdjax` command's choice (SDJAX_COMPILE_CACHE, else the per-user
+    directory; see `sdjax.compile_cache`). Returns the directory in use; None if off or not writable (warned)."""
+    return compile_cache.enable(path) if path is not None else compile_cache.setup()
 
 
 @jax.tree_util.register_dataclass
