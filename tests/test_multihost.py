@@ -187,6 +187,7 @@ def clean_env(monkeypatch):
     for k in list(os.environ):
         if k.startswith("SDJAX_") or k == "JAX_COORDINATOR_ADDRESS":
             monkeypatch.delenv(k)
+    monkeypatch.setenv("SDJAX_COMPILE_CACHE", "off")  # cli.main in this process: no cache in the user's home
     return monkeypatch
 
 
