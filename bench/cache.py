@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import os
 import statistics
 import subprocess
@@ -87,7 +88,7 @@ def measure(rounds: int) -> dict:
 
     return dict(
         date=datetime.date.today().isoformat(), machine=machine(), jax=jax.__version__, rounds=rounds,
-        load_start=load_start, load_end=os.getloadavg()[0], command="sdjax " + " ".join(COMMAND), runs=runs,
+        load_start=load_start, load_end=os.getloadavg()[0], command="sdjax " + shlex.join(COMMAND), runs=runs,
         median=med, pair_ratio=pair("seconds"), pair_ratio_cpu=pair("cpu_seconds"),
         ratio_of_medians=med["second"]["seconds"] / med["first"]["seconds"],
     )

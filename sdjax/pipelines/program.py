@@ -161,7 +161,7 @@ class Plan:
     vae_tiling: bool
     text: tuple = ()  # static options of the family's conditioning
     vae_tile_size: int | None = None  # tile side in pixels (None: the VAE config's sample_size)
-    layout: Layout | None = None  # None: every image on one device (Layout(batch, data=batch))
+    layout: Layout | None = None  # how the images lie on the devices (None: the batch over `data` only)
 
 
 @dataclasses.dataclass(frozen=True)
