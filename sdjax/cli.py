@@ -682,11 +682,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_single_file_flags(c)
     c.add_argument("--extract-ema", dest="extract_ema", action="store_true",
                    help="use the EMA UNet weights of a training checkpoint")
+    for name, command in sub.choices.items():
+        if name not in NO_COMPILE_COMMANDS:
+            command.add_argument("--no-compile-cache", dest="no_compile_cache", action="store_true",
+                                 help="do not keep compiled programs on disk (default: kept in "
+                                      "$SDJAX_COMPILE_CACHE or ~/.cache/sdjax/jax-compile; SDJAX_COMPILE_CACHE=off "
+                                      "turns it off too)")
     return parser
 
 
 INTERRUPTED = "sdjax: interrupted"
 RESUMABLE = {"txt2img", "img2img", "inpaint", "train"}  # the commands with --resume
+NO_COMPILE_COMMANDS = ("convert",)  # subcommands that compile nothing worth keeping
+
+
+def use_compile_cache(args) -> None:
+    """JAX's persistent compilation cache for this run (sdjax.compile_cache), before anything compiles; a directory
+    that cannot be used is one line on stderr, and the run goes on."""
+    import warnings
+
+    from sdjax.compile_cache import CompileCacheWarning, setup
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompileCacheWarning)
+        setup(enabled=not getattr(args, "no_compile_cache", False))
+    for w in caught:
+        if issubclass(w.category, CompileCacheWarning):
+            print(f"sdjax: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def main(argv=None) -> int:
@@ -705,6 +729,8 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if args.command not in NO_COMPILE_COMMANDS:
+            use_compile_cache(args)
         if args.command == "rerank":
             return cmd_rerank(args)
         if args.command == "demo":

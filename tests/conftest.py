@@ -2,6 +2,9 @@ import os
 
 # Tests run on the CPU whatever is installed; multi-device tests start their own processes with XLA_FLAGS.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The `sdjax` command keeps compiled programs in ~/.cache by default (sdjax.compile_cache); tests that call it in this
+# process or start it in others must not write there. tests/test_compile_cache.py sets its own directory.
+os.environ.setdefault("SDJAX_COMPILE_CACHE", "off")
 
 import pytest  # noqa: E402
 

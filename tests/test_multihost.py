@@ -47,8 +47,12 @@ if not cli_only:
     # 6 images on 4 devices: padded to 8, two per device; process 0 holds 0-3, process 1 holds 4, 5 (and padding)
     out = pipe(open(prompts).read().split("\n")[:2], height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
                seed=[3, 4], num_images_per_prompt=3, output_type="np")
+    # 1 image on 4 devices: split over all of them (program.Layout); process 0 alone returns it
+    one = pipe(open(prompts).read().split("\n")[0], height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+               seed=5, output_type="np")
     np.savez(result, images=out.images, indices=out.indices, process=jax.process_index(),
-             processes=jax.process_count(), devices=len(jax.devices()), local=len(jax.local_devices()))
+             processes=jax.process_count(), devices=len(jax.devices()), local=len(jax.local_devices()),
+             one_images=one.images, one_indices=one.indices)
 """
 
 
@@ -138,6 +142,10 @@ def test_two_processes_match_one(model, tmp_path):
     print(f"max |two processes - one process| = {diff:.3g}")
     assert diff <= 1e-5
     assert ref["images"].std() > 0.01  # real pictures, not a constant that would match anyway
+    # one image split over both processes' devices: returned once, by process 0, as the one-process run makes it
+    assert list(ref["one_indices"]) == [0] and [list(g["one_indices"]) for g in got] == [[0], []]
+    assert len(got[1]["one_images"]) == 0
+    assert np.abs(got[0]["one_images"] - ref["one_images"]).max() <= 1e-5
 
     # CLI bulk run: each process saved its own images and listed them in its manifest; process 0 merged
     records = manifest(two_out / "manifest.jsonl")
@@ -187,6 +195,7 @@ def clean_env(monkeypatch):
     for k in list(os.environ):
         if k.startswith("SDJAX_") or k == "JAX_COORDINATOR_ADDRESS":
             monkeypatch.delenv(k)
+    monkeypatch.setenv("SDJAX_COMPILE_CACHE", "off")  # cli.main in this process: no cache in the user's home
     return monkeypatch
 
 

@@ -228,3 +228,79 @@ def test_device_count_changes_only_rounding_on_a_wide_model(folders, tmp_path):
     per-device batch of 6 than of 1, and the images differ by a few 1e-5 (measured 2.4e-5 to 3.5e-5). A seeding
     or padding fault would differ by O(0.1)."""
     assert _run_on_devices(folders["sd2"], tmp_path, "euler_a") <= 1e-4
+
+
+SMALL_BATCH_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, jax
+    import sdjax
+    assert len(jax.devices()) == int(sys.argv[4]), jax.devices()
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(sys.argv[1])
+    real, seen = pipe.program, []
+
+    def spy(plan):  # run the program compiled ahead of time, to read XLA's cost analysis of each device's part
+        program = real(plan)
+
+        def run(*args):
+            compiled = program.lower(*args).compile()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            layout = plan.layout
+            seen.append(dict(layout=[layout.batch, layout.data, layout.pair, layout.space], flops=cost["flops"]))
+            return compiled(*args)
+        return run
+
+    pipe.program = spy
+    call = dict(height=32, width=48, num_inference_steps=3, seed=7, output_type="np")
+    outs = [
+        pipe("a red circle", "dark", sampler="euler_a", **call).images,  # guided: pair and height split
+        pipe("a blue square", image=np.linspace(0, 1, 32 * 48 * 3).reshape(32, 48, 3), strength=0.7, guidance_scale=1.0, sampler="ddim",
+             **call).images,  # no guidance: the height alone, VAE encode included
+        pipe(["a", "b", "c"], ["x", "", ""], sampler="ddim", **call).images,  # 3 images: padded to 4 on 8 devices
+    ]
+    np.save(sys.argv[3], np.concatenate(outs))
+    with open(sys.argv[3][:-4] + ".json", "w") as f:
+        json.dump(seen, f)
+""")
+
+
+def test_small_batches_split_images_over_devices(narrow_sd2, tmp_path):
+    """With fewer images than devices an image's devices split its guided pair and its height (program.Layout)
+    instead of computing padding images: the images equal the 1-device ones on 2, 4 and 8 fake CPU devices, and
+    each device's share of the program's FLOPs (XLA's cost analysis of the partitioned program) falls with the
+    device count."""
+    import json
+
+    results = run_on_devices(tmp_path, SMALL_BATCH_SCRIPT, narrow_sd2, "-", counts=(1, 2, 4, 8))
+    seen = {n: json.loads((tmp_path / f"out{n}.json").read_text()) for n in results}
+    layouts = {n: [s["layout"] for s in seen[n]] for n in seen}  # [batch, data, pair, space] of the three calls
+    assert layouts[1] == [[1, 1, 1, 1], [1, 1, 1, 1], [3, 1, 1, 1]]
+    assert layouts[2] == [[1, 1, 2, 1], [1, 1, 1, 2], [4, 2, 1, 1]]
+    assert layouts[4] == [[1, 1, 2, 2], [1, 1, 1, 4], [4, 4, 1, 1]]
+    assert layouts[8] == [[1, 1, 2, 4], [1, 1, 1, 8], [4, 4, 2, 1]]
+    assert results[1].shape == (5, 32, 48, 3)
+    for n in (2, 4, 8):
+        assert np.abs(results[n] - results[1]).max() <= 1e-5, n
+    flops = {n: seen[n][0]["flops"] for n in seen}  # the guided batch-1 call
+    print({n: f"{flops[n] / flops[1]:.3f}" for n in flops})
+    assert flops[2] <= 0.55 * flops[1] and flops[4] <= 0.3 * flops[1] and flops[8] <= 0.2 * flops[1]
+
+
+@pytest.mark.parametrize("n, devices, cfg, height, expected", [
+    (6, 8, True, 64, (8, 8, 1, 1)),  # as many images as devices or more: padded, one image per device
+    (9, 8, True, 64, (16, 8, 1, 1)),
+    (1, 1, True, 64, (1, 1, 1, 1)),
+    (1, 8, True, 64, (1, 1, 2, 4)),
+    (1, 8, False, 64, (1, 1, 1, 8)),
+    (3, 8, True, 64, (4, 4, 2, 1)),
+    (2, 8, True, 64, (2, 2, 2, 2)),
+    (1, 8, True, 6, (2, 2, 2, 2)),  # height 6 takes 2 bands, not 4: the other devices take a padding image
+    (1, 8, True, 5, (4, 4, 2, 1)),
+    (1, 6, True, 9, (1, 1, 2, 3)),
+    (1, 3, True, 64, (3, 3, 1, 1)),  # no even split of the pair, and height 64 does not split in 3
+])
+def test_choose_layout(n, devices, cfg, height, expected):
+    from sdjax.pipelines.program import choose_layout
+
+    layout = choose_layout(n, devices, cfg=cfg, latent_height=height)
+    assert (layout.batch, layout.data, layout.pair, layout.space) == expected
+    assert layout.data * layout.pair * layout.space == devices and layout.batch >= n

@@ -27,7 +27,7 @@ from sdjax.models.layers import Attention
 from sdjax.pipelines import images as images_lib
 from sdjax.pipelines.noise import image_keys
 from sdjax.pipelines.program import (
-    Batch, Encode, Networks, Plan, Schedule, compile_program, fetch_batch, put_batch,
+    Batch, Encode, Networks, Plan, Schedule, choose_layout, compile_program, fetch_batch, put_batch,
 )
 from sdjax.pipelines.textual_inversion import TextualInversionMixin
 
@@ -146,7 +146,6 @@ class DiffusionPipeline(TextualInversionMixin):
         self.attention_chunk: int | None = None
         self.max_pixels_per_device: int | None = MAX_PIXELS_PER_DEVICE  # None: no limit (you know your devices)
         self._replicated = NamedSharding(self.mesh, P())
-        self._batched = NamedSharding(self.mesh, P("data"))
         self._programs: dict[Plan, Any] = {}
         self._adapters: Adapters | None = None  # made by the first load_lora_weights
         # shape-only modules (`PretrainedModel.abstract`) get the sharding only: such a pipeline can be lowered and
@@ -360,8 +359,9 @@ class DiffusionPipeline(TextualInversionMixin):
                 raise ValueError("latents have NaN or infinite values")
 
         cfg = guidance_scale > 1.0
-        n_dev = self.mesh.devices.size
-        batch = -(-n // n_dev) * n_dev
+        layout = choose_layout(n, self.mesh.devices.size, cfg=cfg, latent_height=latent_shape[0])
+        mesh = layout.mesh(self.mesh.devices.flat)
+        batch, batched = layout.batch, NamedSharding(mesh, P("data"))
         text = self.prompt_inputs(prompts, negative_prompt, cfg=cfg, mode=mode, height=height, width=width,
                                   **(text_options or {}))
         keys = text.keys
@@ -373,7 +373,7 @@ class DiffusionPipeline(TextualInversionMixin):
                 return None
             x = np.asarray(x)
             x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)]) if batch > n else x
-            return put_batch(x, self._batched)
+            return put_batch(x, batched)
 
         arrays = {k: pad(v[prompt_index]) for k, v in text.per_prompt.items()}
         arrays.update({k: pad(v) for k, v in text.per_image.items()})
@@ -385,10 +385,10 @@ class DiffusionPipeline(TextualInversionMixin):
             mode=mode, sampler=sampler, calls=samplers_lib.calls_bucket(sampler_obj.num_calls), cfg=cfg, batch=batch,
             latent_hw=latent_shape[:2], given_latents=latents is not None, image_is_latents=image_is_latents,
             inpaint_unet=inpaint_unet, decode=output_type != "latent", vae_tiling=self.vae_tiling,
-            text=text.static, vae_tile_size=self.vae_tile_size if self.vae_tiling else None,
+            text=text.static, vae_tile_size=self.vae_tile_size if self.vae_tiling else None, layout=layout,
         )
         # host values onto every device explicitly (no device op, so no compile, per new value or table length)
-        replicate = lambda tree: jax.tree.map(lambda x: put_batch(np.asarray(x), self._replicated), tree)
+        replicate = lambda tree: jax.tree.map(lambda x: put_batch(np.asarray(x), NamedSharding(mesh, P())), tree)
         out = self.program(plan)(
             {k: nnx.state(m) for k, m in self.text_encoders().items()}, nnx.state(self.unet), nnx.state(self.vae),
             inputs, replicate(sampler_obj.padded(plan.calls)),
@@ -438,6 +438,9 @@ class DiffusionPipeline(TextualInversionMixin):
                 vae=nnx.graphdef(self.vae), scaling_factor=float(self.vae.config.scaling_factor),
                 latent_channels=self.latent_channels,
             )
-            self._programs[plan] = compile_program(plan, networks, self.conditioning(plan.text), self._replicated,
-                                                   self._batched)
+            # every sharding of the program on the layout's mesh (the weights' replicated sharding is the same
+            # placement on the pipeline's mesh: nothing is copied)
+            mesh = plan.layout.mesh(self.mesh.devices.flat)
+            self._programs[plan] = compile_program(plan, networks, self.conditioning(plan.text),
+                                                   NamedSharding(mesh, P()), NamedSharding(mesh, P("data")))
         return self._programs[plan]

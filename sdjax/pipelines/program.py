@@ -13,7 +13,9 @@ The model families differ only in the conditioning: a family's `encode` function
 What fixes the compiled program is a `Plan` (mode, shapes, options); everything that only changes values is an
 argument: the sampler's tables (padded to a bucket of calls, `samplers.calls_bucket`), the first and last call, the
 guidance scale and rescale. So a new seed, prompt, strength, denoising_start/end or step count within a bucket
-reuses the program. The batch inputs are sharded over the `data` axis of the pipeline's mesh, weights replicated.
+reuses the program. Weights are replicated; how the images lie on the devices is the plan's `Layout`
+(`choose_layout`): the batch over the `data` axis, and with fewer images than devices the guided pair and the
+latents' height over the devices of each image.
 """
 from __future__ import annotations
 
@@ -27,20 +29,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sdjax import compile_cache
 from sdjax.models.layers import nearest_resize
 from sdjax.pipelines.noise import STREAM_IMAGE_LATENTS, STREAM_MASKED_LATENTS, STREAM_STEP, image_noise
 
 MODES = ("txt2img", "img2img", "inpaint")
 
 
-def enable_compilation_cache(path: str | os.PathLike) -> None:
-    """Keep compiled programs on disk so that a second process skips most of the compile time."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled programs on disk so that a second process skips most of the compile time (every program,
+    however fast it compiled). path None: the `sdjax` command's choice (SDJAX_COMPILE_CACHE, else the per-user
+    directory; see `sdjax.compile_cache`). Returns the directory in use; None if off or not writable (warned)."""
+    return compile_cache.enable(path) if path is not None else compile_cache.setup()
 
 
 @jax.tree_util.register_dataclass
@@ -95,6 +97,54 @@ class Schedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the images of one call lie on the devices: a (data, pair, space) mesh of all of them.
+
+    The batch (`batch` rows, padding included) is split over `data`. With at least as many images as devices that is
+    all: each device computes batch / devices images. With fewer, each image's devices split its work instead of
+    computing padding images: `pair` (2) devices take the unconditional and the conditional half of the guided UNet
+    batch, and `space` devices a band of the latents' height each (XLA exchanges the bands' borders for the
+    convolutions and reduces across them for the norms and attention); the VAE splits the height over pair x space.
+    Every image keeps its own random key, so the images do not depend on the layout.
+    """
+
+    batch: int
+    data: int
+    pair: int = 1
+    space: int = 1
+
+    @property
+    def split(self) -> bool:
+        """Whether an image is computed by several devices."""
+        return self.pair * self.space > 1
+
+    def mesh(self, devices) -> Mesh:
+        """The (data, pair, space) mesh of `devices` (in their order: a group's devices are neighbours)."""
+        return Mesh(np.asarray(devices).reshape(self.data, self.pair, self.space), ("data", "pair", "space"))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose_layout(n_images: int, n_devices: int, *, cfg: bool, latent_height: int) -> Layout:
+    """The layout of `n_images` images on `n_devices` devices (the one place this is decided).
+
+    n_images >= n_devices: the batch padded to a multiple of the device count, one image per row of devices.
+    Fewer: the fewest padded images that divide the devices into equal groups, then each group splits the guided
+    pair (with guidance) and the latents' height (the largest split that divides it); devices left over, when the
+    height does not divide, take padding images as before."""
+    if n_images >= n_devices:
+        return Layout(batch=-(-n_images // n_devices) * n_devices, data=n_devices)
+    data = min(d for d in _divisors(n_devices) if d >= n_images)
+    rest = n_devices // data
+    pair = 2 if cfg and rest % 2 == 0 else 1
+    space = max(s for s in _divisors(rest // pair) if latent_height % s == 0)
+    data *= rest // (pair * space)
+    return Layout(batch=data, data=data, pair=pair, space=space)
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything that fixes the compiled program (one compile per distinct plan)."""
 
@@ -102,7 +152,7 @@ class Plan:
     sampler: str
     calls: int  # the sampler tables' padded length (samplers.calls_bucket)
     cfg: bool
-    batch: int  # padded to a multiple of the device count
+    batch: int  # padded (layout.batch)
     latent_hw: tuple
     given_latents: bool
     image_is_latents: bool  # img2img from latents (no VAE encode)
@@ -111,6 +161,7 @@ class Plan:
     vae_tiling: bool
     text: tuple = ()  # static options of the family's conditioning
     vae_tile_size: int | None = None  # tile side in pixels (None: the VAE config's sample_size)
+    layout: Layout | None = None  # how the images lie on the devices (None: the batch over `data` only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +187,7 @@ def compile_program(plan: Plan, networks: Networks, encode: Encode, replicated: 
                     batched: NamedSharding):
     """The jitted program of `plan`: (text states, unet state, vae state, Batch, sampler, Schedule) -> images
     (N, H, W, 3) in [0, 1], or latents (N, h, w, C) without decoding."""
-    fn = functools.partial(generate, plan=plan, networks=networks, encode=encode)
+    fn = functools.partial(generate, plan=plan, networks=networks, encode=encode, mesh=batched.mesh)
     return jax.jit(fn, in_shardings=(replicated, replicated, replicated, batched, replicated, replicated),
                    out_shardings=batched)
 
@@ -147,8 +198,18 @@ def _interleave(uncond, cond):
 
 
 def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule: Schedule, *, plan: Plan,
-             networks: Networks, encode: Encode):
-    """The whole generation for one batch: encode text, build first latents, sample, decode."""
+             networks: Networks, encode: Encode, mesh: Mesh | None = None):
+    """The whole generation for one batch: encode text, build first latents, sample, decode. mesh: the layout's
+    (data, pair, space) mesh, where the plan's layout splits images over devices."""
+    split = plan.layout is not None and plan.layout.split
+
+    def lay(x, *spec):  # the layout's sharding of x; nothing when every image is on one device
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec))) if split and x is not None else x
+
+    rows = ("data", "pair")  # the UNet batch's rows: images, each as its guided pair
+    vae_height = "space"  # the VAE splits the height over pair x space when both divide it
+    if split and plan.latent_hw[0] % (plan.layout.pair * plan.layout.space) == 0:
+        vae_height = ("pair", "space")
     encoders = {k: nnx.merge(networks.text[k], text_states[k]) for k in networks.text}
     unet = nnx.merge(networks.unet, unet_state)
     vae = nnx.merge(networks.vae, vae_state)
@@ -163,6 +224,9 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
         strip = lambda c: dataclasses.replace(c, unet_concat=None)
         cond = jax.tree.map(_interleave, strip(uncond), strip(cond))
     context, added, labels, context_mask = cond.context, cond.added, cond.class_labels, cond.context_mask
+    if plan.cfg:  # the rows of the guided batch: each device keeps the half of the pair it computes
+        context, labels, context_mask = lay(context, rows), lay(labels, rows), lay(context_mask, rows)
+        added = None if added is None else {k: lay(v, rows) for k, v in added.items()}
 
     noise = batch.latents if plan.given_latents else image_noise(keys, shape)
     noise = noise.astype(jnp.float32)
@@ -172,7 +236,7 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
         if plan.image_is_latents:
             image_latents = batch.image.astype(jnp.float32)
         else:
-            dist = vae.encode(batch.image.astype(vae_dtype(vae))).latent_dist
+            dist = vae.encode(lay(batch.image.astype(vae_dtype(vae)), "data", vae_height)).latent_dist
             eps = image_noise(keys, shape, STREAM_IMAGE_LATENTS)
             image_latents = (dist.mean + dist.std * eps).astype(jnp.float32) * scaling_factor
     if plan.mode == "inpaint":
@@ -203,9 +267,10 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
         t = sampler.timesteps[i]
         kw = dict(added_cond_kwargs=added, class_labels=labels, encoder_attention_mask=context_mask)
         if not plan.cfg:
-            return unet(x_in.astype(unet_dtype(unet)), t, context, **kw).astype(jnp.float32)
-        pair = jnp.repeat(x_in, 2, axis=0)
-        out = unet(pair.astype(unet_dtype(unet)), t, context, **kw).astype(jnp.float32)
+            out = unet(lay(x_in.astype(unet_dtype(unet)), rows, "space"), t, context, **kw)
+            return lay(out, rows, "space").astype(jnp.float32)
+        pair = lay(jnp.repeat(x_in, 2, axis=0), rows, "space")
+        out = lay(unet(pair.astype(unet_dtype(unet)), t, context, **kw), rows, "space").astype(jnp.float32)
         out = out.reshape(-1, 2, *out.shape[1:])
         uncond_out, cond_out = out[:, 0], out[:, 1]
         guided = uncond_out + schedule.guidance * (cond_out - uncond_out)
@@ -232,6 +297,8 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
     if not plan.decode:
         return x
     z = (x / scaling_factor).astype(vae_dtype(vae))
+    if not plan.vae_tiling:
+        z = lay(z, "data", vae_height)
     decoded = vae.decode(z, tile=plan.vae_tiling, tile_size=plan.vae_tile_size)  # tiles only if larger than one
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -246,14 +313,21 @@ def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def fetch_batch(out: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(the rows of the first n this process holds, their indices): all n with one process, else the rows of this
-    process's devices (padding rows >= n dropped)."""
+    process's devices (padding rows >= n dropped). A row held by devices of several processes (an image split over
+    devices, `Layout`) belongs to the process of the first of them (lowest device id), so each row is returned by one
+    process only."""
     if out.is_fully_addressable:
         return np.asarray(jax.device_get(out))[:n], np.arange(n)
+    owner = {}  # row -> (lowest device id holding it, that device's process)
+    for device, index in out.sharding.devices_indices_map(out.shape).items():
+        for r in range(*index[0].indices(out.shape[0])):
+            owner[r] = min(owner.get(r, (device.id, device.process_index)), (device.id, device.process_index))
     rows = {}
     for shard in out.addressable_shards:
         start = shard.index[0].start or 0
         for i, row in enumerate(np.asarray(shard.data)):
-            rows.setdefault(start + i, row)  # a replicated row comes once
+            if owner[start + i][1] == shard.device.process_index:
+                rows.setdefault(start + i, row)  # a replicated row comes once
     indices = np.asarray(sorted(i for i in rows if i < n), np.int64)
     if not len(indices):
         return np.zeros((0, *out.shape[1:]), out.dtype), indices
