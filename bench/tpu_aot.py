@@ -13,10 +13,10 @@ makes it (prompt, negative prompt, guidance, the options below); the program the
 jitted program with its shardings, is lowered and compiled instead of run (on compile-only devices the pipeline
 hands the program shapes, `sdjax.pipelines.program.put_batch`). Read from the compiled program, per chip:
 `memory_analysis()` (arguments: weights and inputs; output; temporaries: every intermediate buffer after XLA's
-buffer sharing, the sampling loop included; generated code) and `cost_analysis()` FLOPs (XLA counts the body of the
-sampling loop once: its trip count is an argument of the program, so the FLOPs are those of text encoding, one
-sampler call and decoding, not of a whole generation). Each job runs in a fresh process; results are merged into
-docs/tpu.json (one record per topology and program) and docs/tpu.md is written from it.
+buffer sharing, the sampling loop included; generated code) and `cost_analysis()` FLOPs. XLA counts the body of a
+loop once, whatever its trip count (a fori_loop of 10 matmuls compiled for v5e counts 1), so the FLOPs are those of
+text encoding, one sampler call and decoding, not of a whole generation. Each job runs in a fresh process; results
+are merged into docs/tpu.json (one record per topology and program) and docs/tpu.md is written from it.
 """
 from __future__ import annotations
 
@@ -311,8 +311,9 @@ def write_doc(data: dict) -> str:
         "XLA's buffer sharing (sampling loop, VAE decode); **peak** = arguments + output + temp - aliased; "
         "**resident** = peak + the pipeline's weights the program does not read (jit drops them, e.g. the VAE "
         "encoder in txt2img; they stay on the chip).",
-        "- **GFLOPs**: XLA's count for one chip; the sampling loop's body counts once (its trip count is a runtime "
-        "argument), so this is text encoding + one sampler call (the UNet on the guided pair) + decoding.",
+        "- **GFLOPs**: XLA's count for one chip. XLA counts a loop's body once whatever its trip count (a fori_loop "
+        "of 10 matmuls compiled for v5e counts 1), so this is text encoding + one sampler call (the UNet on the "
+        "guided pair) + decoding, not a whole generation.",
         "- **compile**: seconds of `lowered.compile()` on this machine (2 shared CPU cores, `nice -n 19`).",
         "- The batch is padded to a multiple of the chip count: 1 image on 4 chips compiles a batch of 4 (one per "
         "chip; 3 are padding).",
