@@ -327,7 +327,7 @@ def write_doc(data: dict) -> str:
         rows = [r for r in results if r["topology"] == name]
         lines += [f"## {name}: {topology.what}, {topology.hbm_gib} GiB HBM per chip", ""]
         if not rows:
-            lines += ["Not run.", ""]
+            lines += ["Not run (not compiled yet; `python bench/tpu_aot.py` compiles every missing job).", ""]
             continue
         lines += ["| program | options | batch (per chip) | weights | arguments | output | temp | peak | resident | "
                   "code | GFLOPs | compile |",
@@ -345,7 +345,8 @@ def write_doc(data: dict) -> str:
         missing = [p for p in PROGRAMS if (name, p) not in done]
         lines.append("")
         if missing:
-            lines += [f"Not run: {', '.join(missing)}.", ""]
+            lines += [f"Not run (not compiled yet; `python bench/tpu_aot.py` compiles every job missing from "
+                      f"docs/tpu.json): {', '.join(missing)}.", ""]
         h = handoff(results, name)
         if h:
             fits = h["peak"] / GIB + RUNTIME_RESERVE_GIB <= h["hbm_gib"]
