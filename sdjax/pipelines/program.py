@@ -303,9 +303,23 @@ def generate(text_states, unet_state, vae_state, batch: Batch, sampler, schedule
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def compile_only(sharding: NamedSharding) -> bool:
+    """Whether the sharding's devices are attached to no process of this run: devices to compile for, not to run on
+    (a TPU topology's devices from `jax.experimental.topologies.get_topology_desc`, on a machine without TPUs)."""
+    devices = sharding.device_set
+    try:
+        attached = jax.devices(next(iter(devices)).platform)
+    except RuntimeError:  # no backend of that platform here (TPU devices on a CPU machine)
+        return True
+    return not devices & set(attached)
+
+
+def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array | jax.ShapeDtypeStruct:
     """A host batch (the same on every process) onto the batch sharding; with several processes each one builds only
-    the shards of its own devices."""
+    the shards of its own devices. On compile-only devices, its shape with the sharding: the program can then be
+    lowered and compiled for them (`jax.jit(...).lower`), not run."""
+    if compile_only(sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
