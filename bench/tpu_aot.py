@@ -315,8 +315,9 @@ def write_doc(data: dict) -> str:
         "of 10 matmuls compiled for v5e counts 1), so this is text encoding + one sampler call (the UNet on the "
         "guided pair) + decoding, not a whole generation.",
         "- **compile**: seconds of `lowered.compile()` on this machine (2 shared CPU cores, `nice -n 19`).",
-        "- The batch is padded to a multiple of the chip count: 1 image on 4 chips compiles a batch of 4 (one per "
-        "chip; 3 are padding).",
+        "- The rows dated 2026-11-30 were compiled before small batches were split over chips: then 1 image on 4 "
+        "chips compiled a batch of 4 (one per chip; 3 padding). Since, an image's chips split its guided pair and "
+        "its latents' height (`sdjax.pipelines.program.Layout`): a rerun measures that program, with less per chip.",
         "",
     ]
     stamp = sorted({(r["date"], r["jax"], r["jaxlib"], r["libtpu"]) for r in results})
