@@ -375,11 +375,11 @@ def cmd_generate(args, mode: str) -> int:
     if mode == "inpaint":
         _check_image(s["mask"], "--mask")
     outdir = Path(s.get("outdir") or f"outputs/{mode}-samples")
+    process, n_processes = start_processes(s)  # bad --num-processes/--process-id flags: refused before any write
     try:  # before the model loads: a folder that cannot take the images fails at once
         prepare_outdir(outdir)
     except OSError as e:
         raise UsageError(f"--outdir {outdir}: {os_error_line(e)}") from None
-    process, n_processes = start_processes(s)
     pipe, precision, ckpt = load_pipeline(s)
     set_memory_savers(pipe, s)
     from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
