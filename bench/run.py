@@ -299,14 +299,10 @@ def model_flops(program, *args) -> float | None:
     loop over chunks; its 2x upsampler does fewer multiply-adds than the 3x3 convolution on the 2x image. Counted as
     sdjax runs it, SD1.5's VAE decoder at 512² is 2088 GFLOP instead of 2504.) Rates from this count are
     "effective": for the same network, not for the operations a program happens to run."""
-    from sdjax.models import layers
+    from sdjax.models import cpu_lowering
 
-    saved = layers.CPU_SCORES_WHOLE, layers.SUBPIXEL_MIN_PIXELS
-    layers.CPU_SCORES_WHOLE = layers.SUBPIXEL_MIN_PIXELS = float("inf")
-    try:
-        cost = program().lower(*args).cost_analysis()  # a fresh jit: its trace sees the settings
-    finally:
-        layers.CPU_SCORES_WHOLE, layers.SUBPIXEL_MIN_PIXELS = saved
+    with cpu_lowering.disabled():
+        cost = program().lower(*args).cost_analysis()  # a fresh jit: its trace sees the setting
     return (cost[0] if isinstance(cost, (list, tuple)) else cost or {}).get("flops")
 
 

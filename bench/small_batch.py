@@ -75,10 +75,9 @@ def compile_call(pipe, **call):
 def measure(size: int, images: int) -> dict:
     import jax
 
-    from sdjax.models import layers
+    from sdjax.models import cpu_lowering
 
-    layers.CPU_SCORES_WHOLE = layers.SUBPIXEL_MIN_PIXELS = float("inf")
-    layers.SMALL_CONV_PIXELS = 0
+    cpu_lowering.ENABLED = False  # the network's FLOPs as PyTorch computes them
     pipe = abstract_sd15()
     out = dict(devices=len(jax.devices()), size=size, images=images)
     for output_type, key in (("latent", "step"), ("np", "decode")):

@@ -124,11 +124,11 @@ def test_attention_mask(path, monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from sdjax.models import layers
+    from sdjax.models import cpu_lowering, layers
 
     if path == "cpu_chunks":
-        monkeypatch.setattr(layers, "CPU_SCORES_WHOLE", 1)
-        monkeypatch.setattr(layers, "CPU_SCORES_PER_CHUNK", 16 * 154)  # 3 chunks of 16 queries
+        monkeypatch.setattr(cpu_lowering, "SCORES_WHOLE", 1)
+        monkeypatch.setattr(cpu_lowering, "SCORES_PER_CHUNK", 16 * 154)  # 3 chunks of 16 queries
     chunk = 16 if path == "query_chunk" else None
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 40, 8), (2, 154, 8), (2, 154, 8)))

@@ -5,8 +5,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from sdjax.models import cpu_lowering
 
 
 def group_norm(channels, groups, eps, *, rngs, dtype, param_dtype):
@@ -27,47 +28,9 @@ def conv(cin, cout, kernel, *, rngs, dtype, param_dtype, stride=1, padding=None,
     pad = kernel // 2 if padding is None else padding
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        use_bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype, conv_general_dilated=_conv,
+        use_bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        conv_general_dilated=cpu_lowering.conv_general_dilated,
     )
-
-
-_NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-SMALL_CONV_PIXELS = 64  # output pixels per image up to which XLA:CPU convolutions run as one matmul
-
-
-def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-          feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated`, except that on CPU a convolution with a small output (SD's 8x8 and 4x4 UNet
-    levels) is one (pixels, kh*kw*C) x (kh*kw*C, O) matmul over gathered patches: XLA:CPU's convolution reaches a
-    third to a half of the matmul's speed there (4x4, 2560->1280: 15 vs 40 GFLOP/s on one core); from 16x16 up
-    the convolution is as fast or faster."""
-    b, h, w, c = lhs.shape
-    kh, kw, _, o = rhs.shape
-    sh, sw = window_strides
-    simple = (
-        jax.default_backend() == "cpu" and dimension_numbers == _NHWC and feature_group_count == 1
-        and not isinstance(padding, str) and all(d == 1 for d in (*(lhs_dilation or (1,)), *(rhs_dilation or (1,))))
-        and kwargs.get("out_sharding") is None
-    )
-    if simple:
-        (pt, pb), (pl, pr) = padding
-        ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-        simple = ho * wo <= SMALL_CONV_PIXELS and (kh, kw) != (1, 1)
-    if not simple:
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
-    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    hp, wp = x.shape[1:3]
-    rows = (np.arange(ho)[:, None, None, None] * sh + np.arange(kh)[None, None, :, None]) * wp
-    cols = np.arange(wo)[None, :, None, None] * sw + np.arange(kw)[None, None, None, :]
-    # one gather of whole pixel rows (B, ho*wo*kh*kw, C): in the kernel's (kh, kw, C) order once reshaped; nine
-    # slices and a concatenate ran as fast but compiled 3 s slower for the SD UNet
-    patches = jnp.take(x.reshape(b, hp * wp, c), (rows + cols).reshape(-1), axis=1, mode="clip")
-    kwargs.pop("out_sharding", None)
-    y = jnp.dot(patches.reshape(b * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o), precision=precision,
-                **kwargs)
-    return y.reshape(b, ho, wo, o)
 
 
 def linear(cin, cout, *, rngs, dtype, param_dtype, bias=True):
@@ -135,37 +98,10 @@ class Upsample2D(nnx.Module):
     def __call__(self, x, output_size=None):
         _, h, w, _ = x.shape
         size = tuple(output_size or (2 * h, 2 * w))
-        if size == (2 * h, 2 * w) and h * w >= SUBPIXEL_MIN_PIXELS and jax.default_backend() == "cpu":
-            return _upsample2x_conv3x3(x, self.conv)
+        if cpu_lowering.upsamples_at_input_size(h, w, size):
+            bias = None if self.conv.bias is None else self.conv.bias[...]
+            return cpu_lowering.upsample2x_conv3x3(x, self.conv.kernel[...], bias, self.conv.dtype)
         return self.conv(nearest_resize(x, size))
-
-
-SUBPIXEL_MIN_PIXELS = 256  # input pixels per image from which the CPU upsampler convolves at the input size
-
-
-def _upsample2x_conv3x3(x, conv_module):
-    """conv3x3(nearest2x(x)) without making the 2x image: output pixel (2i+a, 2j+b) sees only the 2x2 input pixels
-    around (i, j), so each of the four phases (a, b) is a 2x2 convolution of x with summed taps (phase 0 rows:
-    x[i-1] w0 + x[i] (w1+w2); phase 1: x[i] (w0+w1) + x[i+1] w2). 16 instead of 36 taps per input pixel: the SD
-    VAE decoder's upsamplers ran 2-2.4x faster on XLA:CPU, the UNet's 16->32 one 1.7x. Same sums, rounded
-    differently (the taps are added first)."""
-    kernel = conv_module.kernel[...]
-    dtype = conv_module.dtype or jnp.result_type(x, kernel)
-    x, kernel = x.astype(dtype), kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))  # taps summed in fp32
-    taps = ((lambda k: jnp.stack([k[0], k[1] + k[2]]), (1, 0)), (lambda k: jnp.stack([k[0] + k[1], k[2]]), (0, 1)))
-    phases = []
-    for rows, pad_rows in taps:
-        row = []
-        for cols, pad_cols in taps:
-            k = jnp.swapaxes(cols(jnp.swapaxes(rows(kernel), 0, 1)), 0, 1)  # (2, 2, C, O)
-            row.append(_conv(x, k.astype(dtype), (1, 1), (pad_rows, pad_cols), dimension_numbers=_NHWC))
-        phases.append(jnp.stack(row, axis=3))  # (B, H, W, b, O)
-    y = jnp.stack(phases, axis=2)  # (B, H, a, W, b, O)
-    b, h, _, w, _, o = y.shape
-    y = y.reshape(b, 2 * h, 2 * w, o)
-    if conv_module.bias is not None:
-        y = y + conv_module.bias[...].astype(dtype)
-    return y
 
 
 def attention(q, k, v, heads, *, upcast=False, query_chunk=None, mask=None):
@@ -176,7 +112,7 @@ def attention(q, k, v, heads, *, upcast=False, query_chunk=None, mask=None):
 
     query_chunk: process queries in chunks of this many, all heads at once (same result, less memory for long
     sequences). When None, XLA:CPU still splits a large attention into one (batch, head) and a few hundred queries
-    at a time (see `_cpu_query_chunk`); other backends compute it whole.
+    at a time (see `cpu_lowering.query_chunk`); other backends compute it whole.
     """
     b, lq, inner = q.shape
     d = inner // heads
@@ -204,7 +140,7 @@ def attention(q, k, v, heads, *, upcast=False, query_chunk=None, mask=None):
         qp = qp.reshape(b, heads, n, query_chunk, d).transpose(2, 0, 1, 3, 4)
         out = jax.lax.map(lambda qc: block(qc, k, v, keep), qp)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, heads, n * query_chunk, d)[:, :, :lq]
-    elif query_chunk is None and (chunk := _cpu_query_chunk(b * heads, lq, lk)):
+    elif query_chunk is None and (chunk := cpu_lowering.query_chunk(b * heads, lq, lk)):
         # one loop over (batch x head, query chunk) pairs: each step a (chunk, D) x (D, Lk) matmul
         n = -(-lq // chunk)
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - lq), (0, 0))).reshape(b * heads * n, chunk, d)
@@ -219,22 +155,6 @@ def attention(q, k, v, heads, *, upcast=False, query_chunk=None, mask=None):
     else:
         out = block(q, k, v, keep)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
-
-
-def _cpu_query_chunk(batch_heads: int, queries: int, keys: int) -> int | None:
-    """On CPU, for an attention with more than 2^22 scores, the query chunk (a power of 2, at least 16) that keeps
-    one (batch, head) chunk's scores near 2^21 floats (8 MB); None: compute it whole.
-
-    SD1.5 at 512² (B=2 with guidance, 8 heads, 4096 tokens), measured on 2 cores: whole scores 0.76 s per
-    self-attention, 16 queries of all heads at a time 0.62-0.73 s, one head and 512 queries at a time 0.34-0.36 s
-    (PyTorch's fused kernel: 0.34 s). A while loop costs GPUs and TPUs parallelism, so there it stays whole."""
-    if jax.default_backend() != "cpu" or batch_heads * queries * keys <= CPU_SCORES_WHOLE:
-        return None
-    return min(1 << max(4, (CPU_SCORES_PER_CHUNK // max(keys, 1)).bit_length() - 1), queries)
-
-
-CPU_SCORES_WHOLE = 1 << 22
-CPU_SCORES_PER_CHUNK = 1 << 21
 
 
 class Attention(nnx.Module):
