@@ -40,6 +40,16 @@ def test_small_conv_is_one_matmul_and_matches_torch(h, w, stride, pad):
     np.testing.assert_allclose(np.asarray(y) + b, _nhwc(ref) + b, atol=TOL, rtol=0)
 
 
+def test_pointwise_conv_is_a_matmul_and_matches_torch():
+    x, k = _rand(2, 16, 12, 24), _rand(1, 1, 24, 16, seed=1, scale=0.2)
+    conv = jax.jit(lambda x, k: cpu_lowering.conv_general_dilated(x, k, (1, 1), ((0, 0), (0, 0)),
+                                                                  dimension_numbers=cpu_lowering.NHWC))
+    assert "convolution" not in conv.lower(x, k).as_text()
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
+                                     torch.from_numpy(k.transpose(3, 2, 0, 1)))
+    np.testing.assert_allclose(np.asarray(conv(x, k)), _nhwc(ref), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("h, w", [(16, 16), (17, 19)])
 def test_upsampler_at_input_size_matches_torch(h, w):
     assert h * w >= cpu_lowering.SUBPIXEL_MIN_PIXELS  # the four-phase path

@@ -44,10 +44,16 @@ def disabled():
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated`, except that with the rewrites on, a convolution with a small output (up to
-    SMALL_CONV_PIXELS per image: SD's 8x8 and 4x4 UNet levels) is one (pixels, kh*kw*C) x (kh*kw*C, O) matmul
-    over gathered patches: XLA:CPU's convolution reaches a third to a half of the matmul's speed there (4x4,
-    2560->1280: 15 vs 40 GFLOP/s on one core); from 16x16 up the convolution is as fast or faster."""
+    """`lax.conv_general_dilated`, except with the rewrites on:
+
+    - a 1x1 convolution is a (pixels, C) x (C, O) matmul. XLA:CPU's 1x1 convolution reached 15-70% of its matmul
+      peak in bench/profile_unet.py (the SD VAE decoder's 512->256 shortcut at 256x256: 32 GFLOP/s), the matmul
+      165-210 (AMD EPYC Zen 4, 2 cores); the VAE decode at 512² went from 12.29 to 11.86 s.
+    - a convolution with a small output (up to SMALL_CONV_PIXELS per image: SD's 8x8 and 4x4 UNet levels) is one
+      (pixels, kh*kw*C) x (kh*kw*C, O) matmul over gathered patches: XLA:CPU's convolution reaches a third to a
+      half of the matmul's speed there (4x4, 2560->1280: 15 vs 40 GFLOP/s on one core); from 16x16 up the
+      convolution is as fast or faster once the gather's cost is counted (XLA fuses the GroupNorm and SiLU in front
+      of it into the gather, so they run once per tap)."""
     b, h, w, c = lhs.shape
     kh, kw, _, o = rhs.shape
     sh, sw = window_strides
@@ -56,6 +62,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and all(d == 1 for d in (*(lhs_dilation or (1,)), *(rhs_dilation or (1,))))
         and kwargs.get("out_sharding") is None
     )
+    if simple and (kh, kw, sh, sw) == (1, 1, 1, 1) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)):
+        kwargs.pop("out_sharding", None)
+        return jnp.dot(lhs.reshape(b * h * w, c), rhs.reshape(c, o), precision=precision, **kwargs).reshape(b, h, w, o)
     if simple:
         (pt, pb), (pl, pr) = padding
         ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
