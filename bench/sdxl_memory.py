@@ -82,40 +82,6 @@ def abstract_pipeline(model: str, dtype):
     )
 
 
-class _Compiled(Exception):
-    pass
-
-
-def compile_call(pipe, **call):
-    """Lower and compile the program `pipe(**call)` would run, without running it -> (compiled, seconds)."""
-    real = pipe.program
-    got = {}
-
-    def spy(plan):
-        program = real(plan)
-
-        def stop(*args):
-            t0 = time.perf_counter()
-            lowered = program.lower(*args)
-            got["lower_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            got["compiled"] = lowered.compile()
-            got["compile_s"] = time.perf_counter() - t0
-            got["plan"] = plan
-            raise _Compiled
-
-        return stop
-
-    pipe.program = spy
-    try:
-        pipe(**call)
-    except _Compiled:
-        pass
-    finally:
-        del pipe.program
-    return got
-
-
 def tree_bytes(tree) -> int:
     import jax
     import numpy as np
@@ -153,16 +119,16 @@ def measure_variant(name: str) -> dict:
         f = pipe.vae_scale_factor
         call.update(image=np.zeros((1, SIZE // f, SIZE // f, pipe.latent_channels), np.float32),
                     denoising_start=HIGH_NOISE_FRAC)
-    got = compile_call(pipe, **call)
-    plan = got["plan"]
+    got = pipe.compile_call(**call)
+    plan = got.plan
     live = {}
     if os.environ.get("SDXL_MEMORY_DUMP"):
         live = live_analysis(Path(os.environ["SDXL_MEMORY_DUMP"]))
     return dict(**live, variant=name, model=model, dtype=dtype_name, attention_chunk=chunk, vae_tile=tile, size=SIZE,
                 steps=STEPS, mode=plan.mode, sampler_calls=[plan.start, plan.end], cfg=plan.cfg, batch=plan.batch,
                 backend=jax.default_backend(), params=params, param_total=sum(params.values()),
-                memory=memory_stats(got["compiled"]), build_s=round(build_s, 1), lower_s=round(got["lower_s"], 1),
-                compile_s=round(got["compile_s"], 1),
+                memory=memory_stats(got.compiled), build_s=round(build_s, 1), lower_s=round(got.lower_seconds, 1),
+                compile_s=round(got.compile_seconds, 1),
                 compile_peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2))
 
 

@@ -133,41 +133,6 @@ def abstract_pipeline(family: str, mesh, dtype):
     return StableDiffusionPipeline(tokenizer=tokenizer, text_encoder=text_encoder, **common)
 
 
-class _Lowered(Exception):
-    pass
-
-
-def compile_call(pipe, **call) -> dict:
-    """Lower and compile the program `pipe(**call)` would run, without running it: {plan, compiled, lower_s,
-    compile_s}."""
-    got = {}
-    real = pipe.program
-
-    def spy(plan):
-        program = real(plan)
-
-        def lower(*args):
-            got["plan"] = plan
-            t0 = time.perf_counter()
-            lowered = program.lower(*args)
-            got["lower_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            got["compiled"] = lowered.compile()
-            got["compile_s"] = time.perf_counter() - t0
-            raise _Lowered
-
-        return lower
-
-    pipe.program = spy
-    try:
-        pipe(**call)
-    except _Lowered:
-        pass
-    finally:
-        del pipe.program
-    return got
-
-
 def _call_arguments(program: Program, pipe) -> dict:
     import numpy as np
 
@@ -192,7 +157,6 @@ def _tree_bytes(tree) -> int:
 
 def measure(topology_name: str, program_name: str) -> dict:
     """One job, in this process: compile `program_name` for `topology_name` and read the compiled program."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -215,12 +179,12 @@ def measure(topology_name: str, program_name: str) -> dict:
               (*pipe.text_encoders().items(), ("unet", pipe.unet), ("vae", pipe.vae))}
     record.update(params=params, param_total=sum(params.values()))
     try:
-        got = compile_call(pipe, **_call_arguments(program, pipe))
+        got = pipe.compile_call(**_call_arguments(program, pipe))
     except Exception as e:  # noqa: BLE001 (a failure to compile is a result: recorded, the next job runs)
         record.update(compiled=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}",
                       traceback=traceback.format_exc()[-4000:])
         return record
-    plan, compiled = got["plan"], got["compiled"]
+    plan, compiled = got.plan, got.compiled
     m = compiled.memory_analysis()
     memory = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
                   temp=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes)
@@ -233,7 +197,7 @@ def measure(topology_name: str, program_name: str) -> dict:
         compiled=True, mode=plan.mode, cfg=plan.cfg, batch=plan.batch, latent_hw=list(plan.latent_hw),
         decode=plan.decode, sampler_calls=plan.calls, memory=memory,
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        lower_s=round(got["lower_s"], 1), compile_s=round(got["compile_s"], 1),
+        lower_s=round(got.lower_seconds, 1), compile_s=round(got.compile_seconds, 1),
         compile_peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2))
     return record
 

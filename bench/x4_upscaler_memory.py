@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +54,6 @@ def abstract_pipeline(dtype):
     )
 
 
-class _Compiled(Exception):
-    pass
-
-
 def measure(name: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
@@ -68,28 +63,11 @@ def measure(name: str) -> dict:
     pipe.enable_attention_chunking(chunk)
     if vae_tile:
         pipe.enable_vae_tiling(True, tile_size=vae_tile)
-    got = {}
-    real = pipe.program
-
-    def spy(plan):  # compile the program the call would run, then stop before running it
-        program = real(plan)
-
-        def stop(*args):
-            t0 = time.perf_counter()
-            got["compiled"] = program.lower(*args).compile()
-            got["compile_s"] = time.perf_counter() - t0
-            raise _Compiled
-
-        return stop
-
-    pipe.program = spy
-    try:
-        pipe("a photo of a cat", np.full((side, side, 3), 0.5, np.float32), num_inference_steps=75,
-             guidance_scale=9.0, output_type="np")
-    except _Compiled:
-        pass
-    m = got["compiled"].memory_analysis()
-    out = dict(variant=name, low_res=side, output=4 * side, dtype=dtype, compile_s=round(got["compile_s"], 1),
+    got = pipe.compile_call("a photo of a cat", np.full((side, side, 3), 0.5, np.float32), num_inference_steps=75,
+                            guidance_scale=9.0, output_type="np")
+    m = got.compiled.memory_analysis()
+    out = dict(variant=name, low_res=side, output=4 * side, dtype=dtype,
+               compile_s=round(got.lower_seconds + got.compile_seconds, 1),
                argument_gib=m.argument_size_in_bytes / GIB, output_gib=m.output_size_in_bytes / GIB,
                temp_gib=m.temp_size_in_bytes / GIB, alias_gib=m.alias_size_in_bytes / GIB)
     out["peak_gib"] = out["argument_gib"] + out["output_gib"] + out["temp_gib"] - out["alias_gib"]

@@ -96,3 +96,19 @@ def test_sdxl_denoising_fractions_do_not_recompile(tmp_path_factory, compiles):
     for strength in (0.3, 0.6):
         pipe("a red circle", negative_prompt="blurry", image=latents, strength=strength, **call)
     assert compiles.count == 2  # img2img from latents: with or without denoising_start, one program
+
+
+def test_compile_call_compiles_and_does_not_run(sd, compiles):
+    """`compile_call` gives the program a call would run, compiled and not run (bench/tpu_aot.py reads TPU programs
+    this way): its plan, memory and FLOPs; the same call made afterwards runs that program, compiling nothing."""
+    call = dict(height=48, width=32, num_inference_steps=3, output_type="np")
+    got = sd.compile_call(["a", "b", "c"], "blurry", **call)
+    f = sd.vae_scale_factor
+    assert (got.plan.mode, got.plan.cfg, got.plan.latent_hw) == ("txt2img", True, (48 // f, 32 // f))
+    assert got.plan.batch >= 3 and got.compile_seconds > 0
+    cost = got.compiled.cost_analysis()
+    assert (cost[0] if isinstance(cost, list) else cost)["flops"] > 0
+    assert got.compiled.memory_analysis().temp_size_in_bytes > 0
+    assert compiles.count == 1
+    images = sd(["a", "b", "c"], "blurry", **call).images
+    assert images.shape == (3, 48, 32, 3) and compiles.count == 1  # JAX reuses the executable

@@ -95,33 +95,11 @@ def upscaler_pipeline(folder, mesh, dtype=jnp.bfloat16):
         mesh=mesh)
 
 
-class _Lowered(Exception):
-    pass
-
-
 def compile_call(pipe, **call):
     """(plan, compiled) of the program `pipe(**call)` would run: the call prepares its inputs (shapes only, with
     their shardings, on compile-only devices) and the pipeline's own jitted program is lowered and compiled."""
-    got = {}
-    real = pipe.program
-
-    def spy(plan):
-        program = real(plan)
-
-        def lower(*args):
-            got["plan"], got["compiled"] = plan, program.lower(*args).compile()
-            raise _Lowered
-
-        return lower
-
-    pipe.program = spy
-    try:
-        pipe(**call)
-    except _Lowered:
-        pass
-    finally:
-        del pipe.program
-    return got["plan"], got["compiled"]
+    got = pipe.compile_call(**call)
+    return got.plan, got.compiled
 
 
 def weight_bytes(*modules) -> int:

@@ -9,6 +9,7 @@ _WHERE = {
     "StableDiffusionUpscalePipeline": "auto",
     "from_pretrained": "auto",
     "PipelineOutput": "base",
+    "CompiledCall": "base",
     "Conditioning": "program",
     "enable_compilation_cache": "program",
 }

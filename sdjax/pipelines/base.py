@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import jax
@@ -56,6 +57,29 @@ class PipelineOutput:
 
     images: Any
     indices: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledCall:
+    """The program a pipeline call would run, lowered and compiled but not run (`DiffusionPipeline.compile_call`).
+
+    `compiled.memory_analysis()` is the call's device memory per device (arguments: weights and inputs; outputs;
+    temporaries: every intermediate buffer, the sampling loop included); `compiled.cost_analysis()` its FLOPs per
+    device (XLA counts a loop's body once: text encoding, one sampler call and decoding)."""
+
+    plan: Plan
+    lowered: Any  # jax.stages.Lowered
+    compiled: Any  # jax.stages.Compiled
+    lower_seconds: float
+    compile_seconds: float
+
+
+class _CompiledOnly(Exception):
+    """Carries a CompiledCall out of a pipeline call made by `compile_call` (nothing is run)."""
+
+    def __init__(self, call: CompiledCall):
+        super().__init__("compiled, not run")
+        self.call = call
 
 
 @dataclasses.dataclass
@@ -148,6 +172,7 @@ class DiffusionPipeline(TextualInversionMixin):
         self._replicated = NamedSharding(self.mesh, P())
         self._programs: dict[Plan, Any] = {}
         self._adapters: Adapters | None = None  # made by the first load_lora_weights
+        self._compile_only = False  # set by compile_call
         # shape-only modules (`PretrainedModel.abstract`) get the sharding only: such a pipeline can be lowered and
         # compiled, not run (bench/sdxl_memory.py reads the compiled program's memory without any weights)
         place = (lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
@@ -389,11 +414,19 @@ class DiffusionPipeline(TextualInversionMixin):
         )
         # host values onto every device explicitly (no device op, so no compile, per new value or table length)
         replicate = lambda tree: jax.tree.map(lambda x: put_batch(np.asarray(x), NamedSharding(mesh, P())), tree)
-        out = self.program(plan)(
+        program = self.program(plan)
+        args = (
             {k: nnx.state(m) for k, m in self.text_encoders().items()}, nnx.state(self.unet), nnx.state(self.vae),
             inputs, replicate(sampler_obj.padded(plan.calls)),
             replicate(Schedule.make(start, end, denoising_start is None, guidance_scale, guidance_rescale)),
         )
+        if self._compile_only:
+            t0 = time.perf_counter()
+            lowered = program.lower(*args)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            raise _CompiledOnly(CompiledCall(plan, lowered, compiled, t1 - t0, time.perf_counter() - t1))
+        out = program(*args)
         out, indices = fetch_batch(out, n)
         if not np.isfinite(out).all():
             raise FloatingPointError(
@@ -403,6 +436,23 @@ class DiffusionPipeline(TextualInversionMixin):
         if output_type in ("latent", "np"):
             return PipelineOutput(images=out, indices=indices)
         return PipelineOutput(images=images_lib.numpy_to_pil(out), indices=indices)
+
+    def compile_call(self, *args, **kwargs) -> CompiledCall:
+        """Lower and compile the program `self(*args, **kwargs)` would run, and stop before running it.
+
+        The call checks and prepares its inputs as usual; a pipeline of shape-only networks on compile-only devices
+        (a TPU topology's, on a CPU) gets their shapes, so this works without weights or the devices: see
+        bench/tpu_aot.py. A tiled upscale gives its one tile program. The same call made afterwards runs this
+        program without compiling it again.
+        """
+        self._compile_only = True
+        try:
+            self(*args, **kwargs)
+        except _CompiledOnly as stop:
+            return stop.call
+        finally:
+            self._compile_only = False
+        raise RuntimeError("the call ran no pipeline program")
 
     def schedule_range(self, sampler, mode, strength, denoising_start, denoising_end, num_inference_steps):
         """(start, end) call indices, as diffusers' (SDXL) pipelines cut the schedule: strength or denoising_start
