@@ -483,7 +483,7 @@ def render(results: dict) -> str:
         "PyTorch GFLOP/s | measured |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    peak = results.get("matmul", {}).get("jax_gflops")
+    matmul = results.get("matmul", {})
     for row in ROWS:
         if row not in results or row == "compile" or row in SINGLE_FILE_ROWS:
             continue
@@ -494,6 +494,7 @@ def render(results: dict) -> str:
                          + " |" * 11)
             continue
         ratio = a["seconds"] / b["seconds"] if a.get("seconds") and b.get("seconds") else None
+        peak = matmul.get("jax_gflops") if matmul.get("date") == r["date"] else None  # a share of that day's peak
         resident = r.get("resident")
         where = f"{r['date']}; {r['machine']}"
         if resident and None not in resident:
