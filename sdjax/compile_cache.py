@@ -13,11 +13,14 @@ Where the cache lives, first found wins:
 4. the per-user default, $XDG_CACHE_HOME/sdjax/jax-compile (~/.cache/sdjax/jax-compile).
 
 Every program is kept, however fast it compiled (JAX's default keeps only those that took over a second, which
-leaves out the small model's): the minimum compile time and entry size are set to 0. A directory that cannot be
-created or written gives one warning and the run goes on without the cache.
+leaves out the small model's): the minimum compile time and entry size are set to 0. The directory is bounded:
+past MAX_BYTES JAX deletes the least recently used programs (its `jax_compilation_cache_max_size`; a size the user
+gave JAX, e.g. JAX_COMPILATION_CACHE_MAX_SIZE, stays). A directory that cannot be created or written gives one
+warning and the run goes on without the cache.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -25,6 +28,7 @@ from pathlib import Path
 
 ENV_VAR = "SDJAX_COMPILE_CACHE"
 OFF_VALUES = ("0", "off", "false", "no", "none")
+MAX_BYTES = 4 * 1024 ** 3  # an SD 1.5 CPU program is tens of MB: a bound for years of different sizes and samplers
 
 
 class CompileCacheWarning(UserWarning):
@@ -34,6 +38,7 @@ class CompileCacheWarning(UserWarning):
 _warned: set[str] = set()
 _enabled_path: Path | None = None  # what this module gave JAX (None: it changed nothing)
 _before: str | None = None  # JAX's cache directory before that
+_before_max: int | None = None  # and JAX's size bound before that
 
 
 def default_dir() -> Path:
@@ -72,7 +77,7 @@ def writable(path: Path) -> str | None:
 def enable(path: str | os.PathLike) -> Path | None:
     """Keep compiled programs in `path` (all of them: no minimum compile time or size). Returns the directory, or
     None (with one CompileCacheWarning per directory) when it cannot be created or written."""
-    global _enabled_path, _before
+    global _enabled_path, _before, _before_max
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -86,6 +91,9 @@ def enable(path: str | os.PathLike) -> Path | None:
         return None
     if _enabled_path is None:
         _before = jax.config.jax_compilation_cache_dir
+        _before_max = jax.config.jax_compilation_cache_max_size
+    if _before_max == -1 and _can_evict():  # -1: JAX's default, no bound
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -104,8 +112,14 @@ def disable() -> None:
     from jax.experimental.compilation_cache import compilation_cache
 
     jax.config.update("jax_compilation_cache_dir", _before)
+    jax.config.update("jax_compilation_cache_max_size", _before_max)
     compilation_cache.reset_cache()
     _enabled_path = None
+
+
+def _can_evict() -> bool:
+    """JAX's eviction locks the directory with `filelock` (here through huggingface_hub); without it, no bound."""
+    return importlib.util.find_spec("filelock") is not None
 
 
 def setup(enabled: bool = True) -> Path | None:

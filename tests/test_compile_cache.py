@@ -150,3 +150,44 @@ def test_settings_choose_the_directory(monkeypatch, tmp_path):
 
 def test_writable():
     assert compile_cache.writable(Path(os.devnull) / "cache") is not None
+
+
+BOUND_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import jax, jax.numpy as jnp
+    from sdjax import compile_cache
+    compile_cache.MAX_BYTES = int(sys.argv[2])
+    before = jax.config.jax_compilation_cache_max_size
+    compile_cache.enable(sys.argv[1])
+    print("bound:", jax.config.jax_compilation_cache_max_size)
+    for n in range(12):  # twelve different programs, each kept in the cache
+        jax.jit(lambda x, n=n: jnp.sin(x @ x.T + n).sum())(jnp.ones((n + 3, 5))).block_until_ready()
+    entries = list(Path(sys.argv[1]).glob("*-cache"))
+    print("entries:", len(entries))
+    print("bytes:", sum(p.stat().st_size for p in entries))
+    compile_cache.disable()
+    print("restored:", jax.config.jax_compilation_cache_max_size == before)
+""")
+
+
+def test_the_cache_is_bounded(tmp_path):
+    """Past MAX_BYTES JAX deletes the least recently used programs; a bound the user gave JAX stays."""
+    script = tmp_path / "bound.py"
+    script.write_text(BOUND_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in (compile_cache.ENV_VAR, "JAX_COMPILATION_CACHE_DIR")}
+    env.update(JAX_PLATFORMS="cpu")
+
+    def run(cache, limit, **extra):
+        r = subprocess.run([sys.executable, str(script), str(cache), str(limit)], env={**env, **extra},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+
+    unbounded = run(tmp_path / "big", 1 << 40)
+    one = int(unbounded["bytes"]) // int(unbounded["entries"])  # about one program's size
+    bounded = run(tmp_path / "small", 4 * one)
+    assert bounded["bound"] == str(4 * one) and bounded["restored"] == "True"
+    assert int(unbounded["entries"]) >= 12 and int(bounded["entries"]) < int(unbounded["entries"])
+    assert int(bounded["bytes"]) <= 4 * one
+    assert run(tmp_path / "theirs", 4 * one, JAX_COMPILATION_CACHE_MAX_SIZE=str(1 << 30))["bound"] == str(1 << 30)
