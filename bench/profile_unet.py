@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import glob
 import json
+import math
 import re
 import statistics
 import sys
@@ -51,10 +52,7 @@ def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _nbytes(shape: tuple[str, tuple[int, ...]]) -> int:
-    n = DTYPE_BYTES.get(shape[0], 4)
-    for d in shape[1]:
-        n *= d
-    return n
+    return DTYPE_BYTES.get(shape[0], 4) * math.prod(shape[1])
 
 
 def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -98,12 +96,10 @@ def _compute_flops(body: list[str], lines: dict[str, str]) -> tuple[str, float, 
             k = labels.group(2)
             kshape = dict(zip(k, kernel[1]))
             taps = int(window.group(1)) * int(window.group(2)) if window else 1
-            n_out = 1
-            for d in out[1]:
-                n_out *= d
             cin = kshape.get("i", 1)  # per feature group
             kh, kw = (window.group(1), window.group(2)) if window else ("1", "1")
-            return f"convolution {kh}x{kw}", 2.0 * n_out * taps * cin, f"{'x'.join(map(str, out[1]))} <- {cin} ch"
+            shape = "x".join(map(str, out[1]))
+            return f"convolution {kh}x{kw}", 2.0 * math.prod(out[1]) * taps * cin, f"{shape} <- {cin} ch"
         if " dot(" in rhs:
             out = _result_shape(rhs)
             ops = _operands(rhs)
@@ -111,13 +107,9 @@ def _compute_flops(body: list[str], lines: dict[str, str]) -> tuple[str, float, 
             contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rhs)
             if out is None or lhs is None:
                 return "dot", 0.0, ""
-            k = 1
-            for i in (contract.group(1).split(",") if contract and contract.group(1) else []):
-                k *= lhs[1][int(i)]
-            n_out = 1
-            for d in out[1]:
-                n_out *= d
-            return "dot", 2.0 * n_out * k, f"{'x'.join(map(str, out[1]))}, K={k}"
+            dims = contract.group(1).split(",") if contract and contract.group(1) else []
+            k = math.prod(lhs[1][int(i)] for i in dims)
+            return "dot", 2.0 * math.prod(out[1]) * k, f"{'x'.join(map(str, out[1]))}, K={k}"
     return "", 0.0, ""
 
 

@@ -62,8 +62,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and all(d == 1 for d in (*(lhs_dilation or (1,)), *(rhs_dilation or (1,))))
         and kwargs.get("out_sharding") is None
     )
+    if simple:
+        kwargs.pop("out_sharding", None)  # None (checked above); jnp.dot takes no such argument here
     if simple and (kh, kw, sh, sw) == (1, 1, 1, 1) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)):
-        kwargs.pop("out_sharding", None)
         return jnp.dot(lhs.reshape(b * h * w, c), rhs.reshape(c, o), precision=precision, **kwargs).reshape(b, h, w, o)
     if simple:
         (pt, pb), (pl, pr) = padding
@@ -80,7 +81,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     # one gather of whole pixel rows (B, ho*wo*kh*kw, C): in the kernel's (kh, kw, C) order once reshaped; nine
     # slices and a concatenate ran as fast but compiled 3 s slower for the SD UNet
     patches = jnp.take(x.reshape(b, hp * wp, c), (rows + cols).reshape(-1), axis=1, mode="clip")
-    kwargs.pop("out_sharding", None)
     y = jnp.dot(patches.reshape(b * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o), precision=precision,
                 **kwargs)
     return y.reshape(b, ho, wo, o)
