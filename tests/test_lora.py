@@ -556,3 +556,94 @@ def test_sdxl_refiner_takes_unet_and_text_encoder_2(tmp_path):
     te1 = kohya_file(tmp_path / "te1.safetensors", [("lora_te1_", te2[:1])])
     with pytest.raises(ValueError, match="changes text_encoder, which this pipeline does not have"):
         pipe.load_lora_weights(te1)
+
+
+def test_fuse_then_unload_matches_diffusers(folders, tmp_path):
+    """diffusers' fuse_lora(lora_scale) of two mixed adapters, then unload_lora_weights: the fused weights stay and
+    the adapters go, in both libraries (a pipeline of its own: the fusion outlives the unload)."""
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(folders["sd1"])
+    ref = reference(folders, "sd1")
+    first = sd1_kohya(folders, tmp_path / "first.safetensors", seed=14)
+    second = kohya_file(tmp_path / "second.safetensors",
+                        [("lora_unet_", joined(layers(ref.unet, lambda n: ".attn" in n)))], seed=15, alpha=1.0)
+    base = ours(pipe)
+    for p in (pipe, ref):
+        p.load_lora_weights(str(first), adapter_name="first")
+        p.load_lora_weights(str(second), adapter_name="second")
+        p.set_adapters(["first", "second"], adapter_weights=[0.7, -0.5])
+    mixed = ours(pipe)
+    pipe.fuse_lora(lora_scale=0.6)
+    ref.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.6)
+    fused, want_fused = ours(pipe), theirs(ref)
+    pipe.unload_lora_weights()
+    ref.unload_lora_weights()
+    kept, want_kept = ours(pipe), theirs(ref)
+    assert pipe.get_list_adapters() == {} and pipe.get_active_adapters() == []
+    assert min(np.abs(fused - base).max(), np.abs(fused - mixed).max()) > 0.02  # the scale matters, and the fuse
+    assert np.abs(fused - want_fused).max() <= TOL and np.abs(kept - want_kept).max() <= TOL
+    assert np.array_equal(fused, kept)
+    ref.unfuse_lora(components=["unet", "text_encoder"])  # after unload nothing is left to unfuse, in both
+    pipe.unfuse_lora()
+    assert np.array_equal(ours(pipe), kept)
+
+
+def test_unfuse_gives_the_weights_before_the_fuse(sd1, folders, tmp_path):
+    """Fusing one of two active adapters into the UNet only: its UNet part is fused with weight x lora_scale (not
+    added again while active), the rest stays an adapter; unfuse_lora gives the images before the fuse bit-exactly,
+    and unloading then the original arrays; nothing recompiles the generation program."""
+    first = sd1_kohya(folders, tmp_path / "a.safetensors", seed=16)
+    second = sd1_kohya(folders, tmp_path / "b.safetensors", seed=17)
+    base = ours(sd1)
+    before = {k: jax_leaves(m) for k, m in sd1.adapters().networks.items()}
+    with CompileLog() as log:
+        sd1.load_lora_weights(first, adapter_name="a")
+        sd1.load_lora_weights(second, adapter_name="b")
+        sd1.set_adapters(["a", "b"], [0.7, -0.5])
+        mixed = ours(sd1)
+        sd1.fuse_lora(components=["unet"], lora_scale=0.6, adapter_names=["a"])
+        fused = ours(sd1)
+        assert sd1.get_active_adapters() == ["a", "b"]
+        sd1.fuse_lora(components=["unet"], lora_scale=0.6, adapter_names=["a"])  # already fused: no change
+        assert np.array_equal(ours(sd1), fused)
+        sd1.set_adapters(["a", "b"], [{"unet": 0.42, "text_encoder": 0.7}, -0.5])
+        sd1.unfuse_lora()
+        as_weights = ours(sd1)
+        sd1.set_adapters(["a", "b"], [0.7, -0.5])
+        unfused = ours(sd1)
+        sd1.unload_lora_weights()
+        after = ours(sd1)
+    assert log.count == 0
+    assert np.abs(fused - mixed).max() > 0.02
+    assert np.abs(fused - as_weights).max() <= 1e-5
+    assert np.array_equal(unfused, mixed) and np.array_equal(after, base)
+    for k, leaves in before.items():
+        assert all(x is y for x, y in zip(leaves, jax_leaves(sd1.adapters().networks[k]))), k
+
+
+def test_fuse_errors_change_nothing(sd1, folders, tmp_path):
+    """Nothing active, a network the pipeline lacks, a bad scale, an unknown adapter and (safe_fusing) a fuse that
+    gives non-finite weights: one-line ValueErrors, the weights untouched."""
+    with pytest.raises(ValueError, match="no active adapter to fuse"):
+        sd1.fuse_lora()
+    path = sd1_kohya(folders, tmp_path / "a.safetensors", seed=18)
+    from safetensors.numpy import load_file
+
+    broken = load_file(str(path))
+    key = next(k for k in broken if k.endswith("lora_up.weight"))
+    broken[key] = np.full_like(broken[key], np.inf)
+    sd1.load_lora_weights(path, adapter_name="a")
+    sd1.load_lora_weights(broken, adapter_name="inf")
+    try:
+        sd1.set_adapters(["a"])
+        state = {k: jax_leaves(m) for k, m in sd1.adapters().networks.items()}
+        for kwargs, message in ((dict(components=["text_encoder_2"]), "'text_encoder_2' not in this pipeline"),
+                                (dict(lora_scale=float("nan")), "lora_scale must be a finite number"),
+                                (dict(adapter_names=["c"]), "'c' not loaded"),
+                                (dict(adapter_names=["inf"], safe_fusing=True), "non-finite weights in 1 layer")):
+            with pytest.raises(ValueError, match=message) as e:
+                sd1.fuse_lora(**kwargs)
+            assert "\n" not in str(e.value)
+            now = {k: jax_leaves(m) for k, m in sd1.adapters().networks.items()}
+            assert all(x is y for k in state for x, y in zip(state[k], now[k])), kwargs
+    finally:
+        sd1.unload_lora_weights()

@@ -5,6 +5,9 @@ The generation program takes the networks' weights as arguments, so a new merge 
 never recompiles it: the merged arrays keep the base weights' shapes, dtypes and shardings. The original arrays of
 the weights an adapter touches are kept (only those), and unloading writes them back: the base weights return
 bit-exactly.
+
+Fusing (diffusers' `fuse_lora`) makes adapters part of the base: the fused weights replace the base arrays the merge
+adds to (the originals are kept until `unfuse`), so unloading afterwards keeps the fused effect, as in diffusers.
 """
 from __future__ import annotations
 
@@ -113,6 +116,8 @@ class Adapters:
         self.base: dict[str, jax.Array] = {}  # key -> the original array of every weight an adapter touches
         self.base_targets: dict[str, Target] = {}  # key -> where that weight lives
         self.enabled = True
+        self.fused: set[tuple[str, str]] = set()  # (adapter, component) pairs in the base weights
+        self.unfused: dict[str, jax.Array] = {}  # key -> the array before the first fuse changed it
         self._programs: dict = {}
 
     # -- loading ---------------------------------------------------------------------------------------------------
@@ -170,20 +175,69 @@ class Adapters:
         for n in names:
             del self.loaded[n]
         self.active = [(n, w) for n, w in self.active if n not in names]
-        keep = {k for a in self.loaded.values() for k in a.targets}
-        restore = {k: v for k, v in self.base.items() if k not in keep}
-        self._write(restore)
-        self.base = {k: v for k, v in self.base.items() if k in keep}
-        self.base_targets = {k: v for k, v in self.base_targets.items() if k in keep}
+        self._forget_unused()
         self.apply()
 
     def unload(self) -> None:
-        """Every touched weight back to its original array; no adapter left."""
+        """Every touched weight back to its base array (the original, or the fused one after `fuse`); no adapter
+        left."""
         self._write(self.base)
         self.loaded.clear()
         self.active = []
         self.base, self.base_targets = {}, {}
+        self.fused, self.unfused = set(), {}
         self._programs.clear()
+
+    def fuse(self, names: Sequence[str] | None, components: Sequence[str], scale: float, safe: bool) -> None:
+        """Add `scale` x the deltas of adapters `names` (default: the active ones, with their weights; an inactive
+        one with weight 1) in `components` to the base weights. `safe`: refuse, changing nothing, if a fused weight
+        is not finite."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not math.isfinite(scale):
+            raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
+        bad = [c for c in components if c not in self.networks]
+        if bad:
+            raise ValueError(f"components: {', '.join(map(repr, bad))} not in this pipeline (adapters change "
+                             f"{', '.join(self.networks)})")
+        weights = dict(self.active) if self.enabled else {}
+        if names is None:
+            names = list(weights)
+            if not names:
+                raise ValueError("no active adapter to fuse: load one, or name them with adapter_names")
+        else:
+            names = [names] if isinstance(names, str) else list(names)
+            unknown = [n for n in names if n not in self.loaded]
+            if unknown:
+                raise ValueError(f"adapter(s) {', '.join(map(repr, unknown))} not loaded (loaded: "
+                                 f"{', '.join(self.loaded) or 'none'})")
+        fusing = [(self.loaded[n], {c: weights.get(n, {}).get(c, 1.0) * scale if c in components and
+                                    (n, c) not in self.fused else 0.0 for c in COMPONENTS}) for n in names]
+        fused = self._merged(fusing)
+        if safe:
+            broken = sorted(k for k, v in fused.items() if not bool(jnp.isfinite(v).all()))
+            if broken:
+                raise ValueError(f"fusing gives non-finite weights in {len(broken)} layer(s), e.g. {broken[0]}; "
+                                 "nothing was fused")
+        for key, value in fused.items():
+            self.unfused.setdefault(key, self.base[key])
+            self.base[key] = value
+        self.fused |= {(a.name, c) for a, w in fusing for c, v in w.items() if v != 0.0}
+        self.apply()
+
+    def unfuse(self, components: Sequence[str]) -> None:
+        """The weights of `components` back to their state before `fuse` (the adapters still loaded are merged
+        again as they are active)."""
+        for key in [k for k in self.unfused if self.base_targets[k].component in components]:
+            self.base[key] = self.unfused.pop(key)
+        self.fused = {(n, c) for n, c in self.fused if c not in components}
+        self._forget_unused()
+        self.apply()
+
+    def _forget_unused(self) -> None:
+        """Write back and stop keeping the base of every weight no loaded adapter touches and no fuse changed."""
+        keep = {k for a in self.loaded.values() for k in a.targets} | set(self.unfused)
+        self._write({k: v for k, v in self.base.items() if k not in keep})
+        self.base = {k: v for k, v in self.base.items() if k in keep}
+        self.base_targets = {k: v for k, v in self.base_targets.items() if k in keep}
 
     def set_enabled(self, on: bool) -> None:
         self.enabled = bool(on)
@@ -194,30 +248,30 @@ class Adapters:
     def apply(self) -> None:
         """Write W + sum(weight * scale * delta) of the active adapters into every touched weight (the base array
         where no active adapter changes it)."""
-        active = [(self.loaded[n], w) for n, w in self.active] if self.enabled else []
-        steps, untouched = [], {}
-        for key, base in self.base.items():
-            users = tuple(i for i, (a, w) in enumerate(active)
-                          if key in a.targets and w[a.targets[key].component] != 0.0)
-            if users:
-                steps.append(Step(self.base_targets[key], users))
-            else:
-                untouched[key] = base
-        merged = {}
-        if steps:
-            steps = tuple(steps)
-            program = self._programs.get(steps)
-            if program is None:
-                shardings = {s.target.key: self.base[s.target.key].sharding for s in steps}
-                program = jax.jit(lambda *a: _merge(steps, *a), out_shardings=shardings)
-                if len(self._programs) >= MERGE_PROGRAMS:  # keep the last few: switching back and forth compiles once
-                    self._programs.pop(next(iter(self._programs)))
-                self._programs[steps] = program
-            base = {s.target.key: self.base[s.target.key] for s in steps}
-            patches = tuple({k: a.patches[k] for k in a.targets if k in base} for a, _ in active)
-            weights = tuple({c: np.float32(v) for c, v in w.items()} for _, w in active)
-            merged = program(base, patches, weights)
-        self._write({**untouched, **merged})
+        active = [(self.loaded[n], {c: 0.0 if (n, c) in self.fused else v for c, v in w.items()})
+                  for n, w in self.active] if self.enabled else []
+        merged = self._merged(active)
+        self._write({**{k: v for k, v in self.base.items() if k not in merged}, **merged})
+
+    def _merged(self, active: Sequence[tuple[Loaded, dict[str, float]]]) -> dict[str, jax.Array]:
+        """key -> base + sum(weight * scale * delta) of `active` for every base weight they change (weight 0: no
+        change)."""
+        steps = tuple(Step(self.base_targets[key], users) for key in self.base
+                      if (users := tuple(i for i, (a, w) in enumerate(active)
+                                         if key in a.targets and w[a.targets[key].component] != 0.0)))
+        if not steps:
+            return {}
+        program = self._programs.get(steps)
+        if program is None:
+            shardings = {s.target.key: self.base[s.target.key].sharding for s in steps}
+            program = jax.jit(lambda *a: _merge(steps, *a), out_shardings=shardings)
+            if len(self._programs) >= MERGE_PROGRAMS:  # keep the last few: switching back and forth compiles once
+                self._programs.pop(next(iter(self._programs)))
+            self._programs[steps] = program
+        base = {s.target.key: self.base[s.target.key] for s in steps}
+        patches = tuple({k: a.patches[k] for k in a.targets if k in base} for a, _ in active)
+        weights = tuple({c: np.float32(v) for c, v in w.items()} for _, w in active)
+        return program(base, patches, weights)
 
     def _write(self, values: Mapping[str, jax.Array]) -> None:
         by_component: dict[str, dict] = {}

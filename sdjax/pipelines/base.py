@@ -267,7 +267,8 @@ class DiffusionPipeline(TextualInversionMixin):
         self.adapters().delete(names)
 
     def disable_lora(self) -> None:
-        """Base weights back (bit-exactly), adapters kept: `enable_lora` merges them again."""
+        """Base weights back (bit-exactly; fused adapters are part of the base), adapters kept: `enable_lora`
+        merges them again."""
         if self._adapters:
             self._adapters.set_enabled(False)
 
@@ -276,9 +277,26 @@ class DiffusionPipeline(TextualInversionMixin):
             self._adapters.set_enabled(True)
 
     def unload_lora_weights(self) -> None:
-        """Remove every adapter: the touched weights get their original arrays back (bit-exactly)."""
+        """Remove every adapter: the touched weights get their original arrays back (bit-exactly), except what
+        `fuse_lora` fused, which stays (diffusers' fuse -> unload)."""
         if self._adapters:
             self._adapters.unload()
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
+        """Fuse adapters into the base weights of `components` (default: every network adapters can change):
+        `adapter_names` (default: the active ones, with their `set_adapters` weights) times `lora_scale`. The
+        images are those of the adapters merged with weight x lora_scale; `unload_lora_weights` afterwards keeps the
+        fused weights and drops the adapters; `unfuse_lora` gives the weights before the fuse back. safe_fusing:
+        refuse (changing nothing) if a fused weight is not finite."""
+        parts = list(self.text_encoders()) + ["unet"] if components is None else list(components)
+        self.adapters().fuse(adapter_names, parts, lora_scale, safe_fusing)
+
+    def unfuse_lora(self, components: list[str] | None = None) -> None:
+        """Undo `fuse_lora` in `components` (default: all): their weights before the fuse, with the still-loaded
+        adapters merged as they are active."""
+        if self._adapters:
+            self._adapters.unfuse(list(self.text_encoders()) + ["unet"] if components is None else list(components))
 
     def adapters(self) -> Adapters:
         """The pipeline's adapter state (`sdjax.lora.merge.Adapters`), made on first use."""
