@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Sequence
 
 HIGH_NOISE_FRAC = 0.8  # SDXL base -> refiner hand-off: the base's share of the schedule (diffusers' suggested split)
 
@@ -180,24 +181,68 @@ def lora_hash(path) -> str:
     return digest.hexdigest()[:12]
 
 
-def apply_loras(pipe, specs) -> tuple[tuple[str, float, str], ...]:
-    """Load every `FILE[:WEIGHT]` of `specs` into `pipe` and activate them all with their weights; ((file name,
-    weight, A1111 hash), ...) for the image metadata."""
-    loaded, names = [], []
-    for spec in specs:
-        path, weight = parse_lora(spec)
-        name = Path(path).stem or "lora"
-        while name in names:
-            name += "_"
+class PromptLoras:
+    """The LoRAs of a bulk run: every `--lora FILE[:WEIGHT]` on every image, plus each prompt's A1111 tags
+    `<lora:NAME:WEIGHT>` (`sdjax.extra_networks`), whose files are found in `dirs` (--lora-dir). A file is loaded
+    into the pipeline once, the first time a prompt is split; `activate` merges the ones a batch asks for."""
+
+    def __init__(self, pipe, specs: Sequence[str] = (), dirs: Sequence[str | os.PathLike] = ()):
+        self.pipe = pipe
+        self.dirs = [Path(d).expanduser() for d in dirs]
+        self.adapters: dict[Path, str] = {}  # file -> adapter name in the pipeline
+        self.hashes: dict[Path, str] = {}
+        self.found: dict[str, Path] = {}  # tag name -> file
+        self.fixed: list[tuple[Path, float]] = []
+        self.active: tuple | None = None  # what the pipeline's adapters are set to
+        for spec in specs:
+            path, weight = parse_lora(spec)
+            self.fixed.append((self._load(path, f"--lora {spec}"), weight))
+
+    def _load(self, path, what: str) -> Path:
+        path = Path(path).expanduser().resolve()
+        if path not in self.adapters:
+            name = path.stem or "lora"
+            while name in self.adapters.values():
+                name += "_"
+            try:
+                self.pipe.load_lora_weights(path, adapter_name=name)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"{what}: {one_line(e)}") from None
+            self.adapters[path] = name
+            self.hashes[path] = lora_hash(path)
+        return path
+
+    def split(self, prompt: str) -> tuple[str, tuple]:
+        """(the prompt's text without its tags, its LoraTags), each named file found and loaded."""
+        from sdjax.extra_networks import TagError, find_lora, split_tags
+
         try:
-            pipe.load_lora_weights(path, adapter_name=name)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"--lora {spec}: {one_line(e)}") from None
-        names.append(name)
-        loaded.append((Path(path).name, weight, lora_hash(path)))
-    if names:
-        pipe.set_adapters(names, [w for _, w, _ in loaded])
-    return tuple(loaded)
+            text, tags = split_tags(prompt)
+            for tag in tags:
+                if tag.name not in self.found:
+                    self.found[tag.name] = self._load(find_lora(tag.name, self.dirs), f"<lora:{tag.name}>")
+        except TagError as e:
+            raise UsageError(one_line(e)) from None
+        return text, tags
+
+    def activate(self, tags: Sequence = ()) -> tuple:
+        """Merge the fixed LoRAs and `tags` (a LoRA named twice: weights summed); the LoraUses for the metadata."""
+        from sdjax.extra_networks import LoraUse
+
+        weights: dict[Path, tuple[float, float]] = {}  # file -> (text encoder, UNet)
+        for path, w in self.fixed:
+            te, unet = weights.get(path, (0.0, 0.0))
+            weights[path] = (te + w, unet + w)
+        for tag in tags:
+            path = self.found[tag.name]
+            te, unet = weights.get(path, (0.0, 0.0))
+            weights[path] = (te + tag.te, unet + tag.unet)
+        state = tuple(weights.items())
+        if self.adapters and state != self.active:
+            self.pipe.set_adapters([self.adapters[p] for p in weights],
+                                   [dict(unet=u, text_encoder=t, text_encoder_2=t) for t, u in weights.values()])
+            self.active = state
+        return tuple(LoraUse(p.name, self.hashes[p], unet=u, te=t) for p, (t, u) in weights.items())
 
 
 def mesh_devices(mesh):

@@ -71,14 +71,7 @@ class RunSpec:
     high_noise_frac: float | None = None
     prompt_syntax: str = "plain"  # how the prompts are read (sdjax.prompts): "plain" or "a1111"
     emphasis: str = "original"  # A1111's emphasis mode, with prompt_syntax "a1111"
-    loras: tuple = ()  # ((file name, weight, A1111 hash), ...) of the adapters merged into the model
-
-    def lora_fields(self) -> dict:
-        """The manifest's `loras` and A1111's `Lora hashes` (none without adapters)."""
-        if not self.loras:
-            return {}
-        return dict(lora_hashes='"' + ", ".join(f"{Path(n).stem}: {h}" for n, _, h in self.loras) + '"',
-                    loras=[dict(file=n, weight=w, hash=h) for n, w, h in self.loras])
+    loras: tuple = ()  # sdjax.extra_networks.LoraUse of every --lora file (merged for every image)
 
     def run_id(self) -> str:
         """Same settings -> same id, so `resume` knows which saved images belong to this run."""
@@ -90,6 +83,8 @@ class RunSpec:
             del fields["model_hash"]
         if not self.loras:  # and runs without adapters
             del fields["loras"]
+        else:  # as [file, weight, hash] (the form of the ids before per-part weights)
+            fields["loras"] = [[u.file, u.unet, u.hash] + ([] if u.te == u.unet else [u.te]) for u in self.loras]
         if self.prompt_syntax == "plain" and self.emphasis == "original":  # and runs of literal prompts
             del fields["prompt_syntax"], fields["emphasis"]
         blob = json.dumps(fields, sort_keys=True)
@@ -102,6 +97,16 @@ class RunSpec:
     @property
     def kept(self) -> int:
         return self.keep if self.n_candidates else self.n_samples
+
+
+def lora_fields(uses) -> dict:
+    """The manifest's `loras` and A1111's `Lora hashes` of an image's LoraUses (none without adapters)."""
+    if not uses:
+        return {}
+    names = (Path(u.file).stem.replace(":", "").replace(",", "") for u in uses)
+    return dict(lora_hashes='"' + ", ".join(f"{n}: {u.hash}" for n, u in zip(names, uses)) + '"',
+                loras=[dict(file=u.file, weight=u.unet, hash=u.hash, **({} if u.te == u.unet else {"te_weight": u.te}))
+                       for u in uses])
 
 
 def a1111_parameters(prompt, negative, *, steps, sampler, scale, seed, width, height, model, extra=None) -> str:
@@ -360,9 +365,14 @@ def merge_manifests(outdir: str | os.PathLike, run_id: str, num_processes: int) 
 
 
 def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, skip_grid=False, resume=False,
-             prompts_per_call: int = 1, progress: bool = True, precision: str = "", refiner=None) -> list[dict]:
+             prompts_per_call: int = 1, progress: bool = True, precision: str = "", refiner=None,
+             loras=None) -> list[dict]:
     """Generate every (prompt, iteration, sample) of `spec` into `outdir`; returns the manifest records this process
     wrote.
+
+    loras: an `sdjax.app.PromptLoras`: the prompts' `<lora:NAME:WEIGHT>` tags are taken out of their text and the
+    LoRAs they name (with the run's fixed ones) merged for their images; a batch holds prompts with the same tags.
+    Without it the prompts are read as they are and the model as it is (`spec.loras` only describes it).
 
     refiner: an SDXL refiner pipeline; the (SDXL) `pipe` denoises the first `spec.high_noise_frac` of the schedule
     and hands its latents to it (`spec.refiner_steps`: the refiner's schedule length).
@@ -407,12 +417,16 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
     if spec.mask:
         mask = normalise(spec.mask, "mask_image")
 
+    # each prompt's text and LoRA tags (every tag's file found and loaded before the first image)
+    split = [loras.split(p) if loras is not None else (p, ()) for p in spec.prompts]
     calls = []  # (iteration, [prompt indices]) still to run
     for it in range(spec.n_iter):
         todo = [p for p in range(len(spec.prompts))
                 if any((p, it, k) not in done for k in range(spec.kept))]
-        for i in range(0, len(todo), prompts_per_call):
-            calls.append((it, todo[i:i + prompts_per_call]))
+        for i in range(0, len(todo), prompts_per_call):  # one batch, one set of LoRA tags
+            batch = todo[i:i + prompts_per_call]
+            for tags in dict.fromkeys(split[p][1] for p in batch):
+                calls.append((it, [p for p in batch if split[p][1] == tags]))
 
     written, grid_images = [], []
     bar = tqdm(total=len(calls), disable=not progress or process != 0, unit="batch", desc="sdjax")
@@ -422,7 +436,8 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                                               refiner_num_inference_steps=spec.refiner_steps)
     try:
         for it, prompt_ids in calls:
-            prompts = [spec.prompts[p] for p in prompt_ids]
+            prompts = [split[p][0] for p in prompt_ids]
+            uses = spec.loras if loras is None else loras.activate(split[prompt_ids[0]][1])
             seed = spec.seed + it
             out = pipe(prompts, [spec.negative_prompt] * len(prompts), height=spec.height, width=spec.width,
                        num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
@@ -441,7 +456,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                 scores = [None] * len(candidates)
                 order = list(range(len(candidates)))
                 if reranker is not None:
-                    text = plain_text(spec.prompts[p], spec.prompt_syntax)  # CLIP reads text literally
+                    text = plain_text(split[p][0], spec.prompt_syntax)  # CLIP reads text literally
                     scores = [float(s) for s in reranker.score(candidates, text)]
                     if n_processes > 1:  # every process must keep the same candidates: process 0's scores decide
                         scores = distributed.from_process_0(np.asarray(scores, np.float32)).tolist()
@@ -460,7 +475,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                         run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
                         **syntax_fields(spec.prompt_syntax, spec.emphasis),
                         clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
-                        **spec.lora_fields(),
+                        **lora_fields(uses),
                         **({"process": process} if n_processes > 1 else {}))
                     with interrupts.writing():  # a Ctrl-C leaves no saved image without its manifest line
                         path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from sdjax.app import (HIGH_NOISE_FRAC, UsageError, apply_loras, default_model, failure_line, load_embeddings,
+from sdjax.app import (HIGH_NOISE_FRAC, PromptLoras, UsageError, default_model, failure_line, load_embeddings,
                        load_pipeline, model_hash, one_line, os_error_line)
 
 DEFAULT_PROMPT = "a painting of a virus monster playing the guitar"  # CompVis' default
@@ -73,6 +73,9 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA / LyCORIS file (kohya, diffusers/PEFT, LoHa, LoKr) and its weight (default 1); "
                         "repeat for several")
+    p.add_argument("--lora-dir", dest="lora_dir", action="append", metavar="DIR",
+                   help="the folder (and its subfolders) where a prompt's <lora:NAME:WEIGHT> tags find "
+                        "NAME.safetensors (A1111's syntax; also <lora:NAME:TE_WEIGHT:UNET_WEIGHT>); repeat for several")
     p.add_argument("--precision", choices=["full", "autocast"],
                    help="full = float32, autocast = bfloat16 (default: autocast on accelerators, full on CPU)")
     p.add_argument("--config", help="a YAML run config; flags given here override its values")
@@ -120,7 +123,8 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "refiner": "refiner", "refiner_steps": "refiner_steps", "high_noise_frac": "high_noise_frac",
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
-    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "embedding": "embedding",
+    "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "lora_dir": "lora_dir",
+    "embedding": "embedding",
     "embeddings": "embedding", "attention_chunking": "attention_chunking", "vae_tiling": "vae_tiling",
 }
 
@@ -386,8 +390,11 @@ def cmd_generate(args, mode: str) -> int:
 
     if isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt} is an x4 upscaler: use sdjax upscale --init-img ...")
-    lora = s.get("lora") or []
-    loras = apply_loras(pipe, [lora] if isinstance(lora, str) else lora)
+    lora, lora_dir = s.get("lora") or [], s.get("lora_dir") or []
+    loras = PromptLoras(pipe, [lora] if isinstance(lora, str) else lora,
+                        [lora_dir] if isinstance(lora_dir, str) else lora_dir)
+    for prompt in prompts:  # every tag's file found and loaded: a bad one fails before any image
+        loras.split(prompt)
     refiner = load_refiner(s, pipe, precision) if s.get("refiner") else None
     load_embeddings(s.get("embedding"), pipe, refiner)
     f = pipe.vae_scale_factor
@@ -426,7 +433,7 @@ def cmd_generate(args, mode: str) -> int:
         model_hash=model_hash(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
-        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"], loras=loras,
+        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"], loras=loras.activate(),
         **({} if refiner is None else dict(
             refiner=Path(str(s["refiner"])).name or str(s["refiner"]), high_noise_frac=s["high_noise_frac"],
             refiner_steps=int(s.get("refiner_steps") or s["ddim_steps"]))),
@@ -434,7 +441,7 @@ def cmd_generate(args, mode: str) -> int:
     try:
         records = run_bulk(pipe, spec, outdir, reranker=reranker, skip_grid=bool(s.get("skip_grid")),
                            resume=bool(s.get("resume")), prompts_per_call=int(s.get("prompts_per_batch") or 1),
-                           precision=precision, refiner=refiner)
+                           precision=precision, refiner=refiner, loras=loras)
     except ValueError as e:  # the pipeline's checks of the request
         raise UsageError(one_line(e)) from None
     if n_processes > 1:
@@ -672,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a CLIP model folder for ordering candidates (default: the shipped CLIP, if any)")
     d.add_argument("--refiner", help="a second pipeline folder (optional): an SDXL refiner continues an SDXL base's "
                                      "latents; any other runs as an img2img pass over the images")
+    d.add_argument("--lora-dir", dest="lora_dir", action="append", metavar="DIR",
+                   help="the folder (and its subfolders) of the LoRA files prompts name with <lora:NAME:WEIGHT>")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
     _add_train_parsers(sub)

@@ -63,7 +63,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
              height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
              n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
              high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None,
-             prompt_syntax: str = "a1111") -> list[Candidate]:
+             prompt_syntax: str = "a1111", loras=None) -> list[Candidate]:
     """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
     batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
 
@@ -74,10 +74,13 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     refiner at strength REFINER_STRENGTH that runs `refiner_steps` denoising steps (high_noise_frac unused).
     An empty negative prompt is passed as None (SDXL base: zero negative embeddings, as diffusers).
     prompt_syntax: "a1111" (weights such as `(word:1.3)`, BREAK; `sdjax.prompts`) or "plain" (literal text).
+    loras: an `sdjax.app.PromptLoras` of `pipe`: the prompt's `<lora:NAME:WEIGHT>` tags are taken out of its text
+    and the LoRAs they name merged (without one, tags are text).
     """
     from PIL import PngImagePlugin
 
-    from sdjax.bulk import image_metadata, syntax_fields
+    from sdjax.app import UsageError
+    from sdjax.bulk import image_metadata, lora_fields, syntax_fields
     from sdjax.prompts import plain_text
 
     prompt = prompt or ""
@@ -86,6 +89,13 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     n = int(n_candidates)
     if n < 1:
         raise ValueError(f"the number of candidates must be at least 1, got {n_candidates}")
+    text, uses = prompt, ()
+    if loras is not None:
+        try:
+            text, tags = loras.split(prompt)
+        except UsageError as e:  # a bad tag or a LoRA file that is not there: the request's error
+            raise ValueError(str(e)) from None
+        uses = loras.activate(tags)
     kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed), prompt_syntax=prompt_syntax)
     refine = refiner is not None and int(refiner_steps or 0) > 0
     handoff = refine and is_sdxl_handoff(pipe, refiner)
@@ -95,18 +105,18 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
                   refiner_num_inference_steps=int(refiner_steps))
         extra = dict(refiner=refiner.name or "refiner", high_noise_frac=float(high_noise_frac),
                      refiner_steps=int(refiner_steps))
-    images = pipe(prompt, negative_prompt or None, height=int(height) if height else None,
+    images = pipe(text, negative_prompt or None, height=int(height) if height else None,
                   width=int(width) if width else None, num_inference_steps=int(steps), num_images_per_prompt=n,
                   output_type="pil", **kw).images
     if refine and not handoff:
-        images = refiner([prompt] * n, negative_prompt or None, image=images, strength=REFINER_STRENGTH,
+        images = refiner([text] * n, negative_prompt or None, image=images, strength=REFINER_STRENGTH,
                          num_inference_steps=refiner_schedule(int(refiner_steps)), output_type="pil", **kw).images
         extra = dict(refiner=refiner.name or "refiner", refiner_mode="img2img", refiner_steps=int(refiner_steps),
                      refiner_strength=REFINER_STRENGTH)
     scores = [None] * n
     order = list(range(n))
     if reranker is not None:
-        scores = [float(s) for s in reranker.score(images, plain_text(prompt, prompt_syntax))]
+        scores = [float(s) for s in reranker.score(images, plain_text(text, prompt_syntax))]
         order = sorted(order, key=lambda k: -scores[k])  # stable: ties keep batch order
 
     outdir = Path(outdir or tempfile.mkdtemp(prefix="sdjax-demo-"))
@@ -117,7 +127,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
         params, _ = image_metadata(
             prompt=prompt, negative=negative_prompt or "", seed=int(seed), sampler=sampler, steps=int(steps),
             scale=float(guidance_scale), width=im.width, height=im.height, model=pipe.name, batch_position=k,
-            **extra, **syntax_fields(prompt_syntax, "original"), clip_score=scores[k])
+            **extra, **syntax_fields(prompt_syntax, "original"), clip_score=scores[k], **lora_fields(uses))
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", params)
         path = outdir / f"{uuid.uuid4().hex[:12]}.png"
@@ -140,12 +150,13 @@ def _gradio():
     return gradio
 
 
-def build_demo(pipe, reranker=None, refiner=None):
+def build_demo(pipe, reranker=None, refiner=None, loras=None):
     """The UI for `pipe` (a `StableDiffusionPipeline`), with CLIP reranking if `reranker` (a `CLIPReranker`) is
     given and refiner controls if `refiner` (a second pipeline) is: the refiner's steps (0: off), and for an SDXL
     base with an SDXL refiner the high-noise fraction where the base hands over (`generate`). Returns a `gr.Blocks`;
     its `generate` endpoint (api_name "generate") takes the controls in the order they are listed below (hidden
-    ones included) and returns the gallery, the best image's metadata and the seed used."""
+    ones included) and returns the gallery, the best image's metadata and the seed used. loras: an
+    `sdjax.app.PromptLoras` of `pipe`: prompts may name its LoRAs with `<lora:NAME:WEIGHT>` tags."""
     gr = _gradio()
     from sdjax.samplers import SAMPLERS
 
@@ -164,7 +175,7 @@ def build_demo(pipe, reranker=None, refiner=None):
                 sampler=sampler, seed=seed, n_candidates=n_candidates,
                 reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
                 high_noise_frac=HIGH_NOISE_FRAC if high_noise_frac is None else high_noise_frac, outdir=outdir,
-                prompt_syntax=prompt_syntax or "a1111",
+                prompt_syntax=prompt_syntax or "a1111", loras=loras,
             )
         except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
             raise gr.Error(" ".join(str(e).split())) from None
@@ -184,6 +195,13 @@ def build_demo(pipe, reranker=None, refiner=None):
             "SDXL hand-off in latent space (the base denoises the high-noise part, the refiner the rest)." if handoff
             else f"an img2img pass over the finished images (strength {REFINER_STRENGTH}; not SDXL's latent "
                  "hand-off).")
+    if loras is not None:
+        from sdjax.extra_networks import available
+
+        names = available(loras.dirs)
+        header += (f"\n\nLoRAs: `<lora:NAME:WEIGHT>` in the prompt ({len(names)} in "
+                   f"{', '.join(map(str, loras.dirs))}: {', '.join(names[:20]) or 'none'}"
+                   f"{', ...' if len(names) > 20 else ''}).")
     with gr.Blocks(title="sdjax demo", analytics_enabled=False) as demo:
         gr.Markdown(header)
         with gr.Row():
@@ -256,12 +274,19 @@ def load_models(model=None, rerank_model=None, refiner_model=None):
 
 
 def launch(model=None, rerank_model=None, host: str = "127.0.0.1", port: int | None = None, refiner_model=None,
-           block: bool = True):
+           block: bool = True, lora_dirs=()):
     """Load the models and serve the UI on http://host:port (port None: Gradio's 7860 or the next free one).
-    block=False returns the running `gr.Blocks` (close it with `.close()`)."""
+    block=False returns the running `gr.Blocks` (close it with `.close()`). lora_dirs: where prompts'
+    `<lora:NAME:WEIGHT>` tags find their files."""
+    from sdjax.app import PromptLoras, UsageError
+
     _gradio()
+    for d in lora_dirs:  # before the models load
+        if not Path(d).expanduser().is_dir():
+            raise UsageError(f"--lora-dir {d}: no such folder")
     pipe, reranker, refiner = load_models(model, rerank_model, refiner_model)
-    demo = build_demo(pipe, reranker, refiner)
+    loras = PromptLoras(pipe, (), lora_dirs) if lora_dirs else None
+    demo = build_demo(pipe, reranker, refiner, loras)
     demo.queue(default_concurrency_limit=1)  # one generation at a time: the devices are shared by all users
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
                 allowed_paths=[str(demo.sdjax_outdir)], share=False)
@@ -275,7 +300,8 @@ def cmd_demo(args) -> int:
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     _gradio()
-    launch(args.ckpt, args.rerank_model, host=args.host, port=args.port, refiner_model=args.refiner)
+    launch(args.ckpt, args.rerank_model, host=args.host, port=args.port, refiner_model=args.refiner,
+           lora_dirs=args.lora_dir or ())
     return 0
 
 

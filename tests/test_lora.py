@@ -647,3 +647,117 @@ def test_fuse_errors_change_nothing(sd1, folders, tmp_path):
             assert all(x is y for k in state for x, y in zip(state[k], now[k])), kwargs
     finally:
         sd1.unload_lora_weights()
+
+
+def test_per_part_weights_match_diffusers(sd1, folders, tmp_path):
+    """Text-encoder and UNet weights apart ({"unet": 1.2, "text_encoder": 0.5}, what <lora:NAME:0.5:1.2> asks for)
+    and a plain one, against diffusers' set_adapters with the same weights."""
+    first = sd1_kohya(folders, tmp_path / "first.safetensors", seed=19)
+    second = sd1_kohya(folders, tmp_path / "second.safetensors", seed=20)
+    weights = [{"unet": 1.2, "text_encoder": 0.5}, -0.5]
+    sd1.load_lora_weights(first, adapter_name="first")
+    sd1.load_lora_weights(second, adapter_name="second")
+    try:
+        sd1.set_adapters(["first", "second"], weights)
+        got = ours(sd1)
+        sd1.set_adapters(["first", "second"], [0.5, -0.5])
+        te_weight_everywhere = ours(sd1)
+    finally:
+        sd1.unload_lora_weights()
+    ref = reference(folders, "sd1")
+    ref.load_lora_weights(str(first), adapter_name="first")
+    ref.load_lora_weights(str(second), adapter_name="second")
+    ref.set_adapters(["first", "second"], adapter_weights=weights)
+    assert np.abs(got - te_weight_everywhere).max() > 0.02
+    assert np.abs(got - theirs(ref)).max() <= TOL
+
+
+def test_cli_lora_tags(sd1, folders, tmp_path, capsys):
+    """A1111's `<lora:NAME:WEIGHT>` tags with --lora-dir: each prompt's images are the library's with set_adapters
+    of the tags' weights (plus --lora's), the text encoder never sees the tags, prompts with other tags go in other
+    batches; PNG parameters keep the prompt as written and list the prompt's LoRAs; bad tags fail before any image."""
+    from PIL import Image
+
+    from sdjax import cli
+
+    loras = tmp_path / "loras"
+    (loras / "sub").mkdir(parents=True)
+    style = sd1_kohya(folders, loras / "sub" / "style.safetensors", seed=21)
+    detail = sd1_kohya(folders, loras / "detail.safetensors", seed=22)
+    prompts = ["a red circle <lora:style:0.7>", "a green square <lora:style:0.5:1.2>, <lora:detail:-0.5>",
+               "a blue dot", "a cat <lora:style:0.7>"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts))
+    out = tmp_path / "out"
+    common = ["txt2img", "--ckpt", str(folders["sd1"]), "--n_samples", "1", "--n_iter", "1", "--H", "32",
+              "--W", "32", "--ddim_steps", "2", "--scale", "5", "--skip_grid"]
+    assert cli.main([*common, "--from-file", str(tmp_path / "prompts.txt"), "--prompts-per-batch", "4",
+                     "--outdir", str(out), "--lora-dir", str(loras)]) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [prompts[0], prompts[3], prompts[1], prompts[2]]  # batched by tags
+    sd1.load_lora_weights(style, adapter_name="style")
+    sd1.load_lora_weights(detail, adapter_name="detail")
+    wanted = {}
+    try:
+        for text, names, weights in (("a red circle ", ["style"], [0.7]), ("a cat ", ["style"], [0.7]),
+                                     ("a green square , ", ["style", "detail"], [{"unet": 1.2, "text_encoder": 0.5},
+                                                                                -0.5]),
+                                     ("a blue dot", [], [])):
+            sd1.set_adapters(names, weights)
+            wanted[text] = sd1(text, height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=42,
+                               prompt_syntax="a1111").images[0]
+    finally:
+        sd1.unload_lora_weights()
+    for r, text in zip(records, ("a red circle ", "a cat ", "a green square , ", "a blue dot")):
+        png = Image.open(out / r["file"])
+        assert np.abs(np.asarray(png, np.int16) - np.asarray(wanted[text], np.int16)).max() <= 1, text
+        assert png.text["parameters"].startswith(r["prompt"] + "\n")
+    assert [(x["file"], x["weight"], x.get("te_weight")) for x in records[2]["loras"]] == [
+        ("style.safetensors", 1.2, 0.5), ("detail.safetensors", -0.5, None)]
+    assert "loras" not in records[3] and "Lora hashes" not in Image.open(out / records[3]["file"]).text["parameters"]
+    assert 'Lora hashes: "style: ' in Image.open(out / records[0]["file"]).text["parameters"]
+    capsys.readouterr()
+    for prompt, extra, message in (("a <lora:style:x>", ["--lora-dir", str(loras)], "the text-encoder weight must be"),
+                                   ("a <lora:style>", [], "give --lora-dir DIR"),
+                                   ("a <lora:missing:1>", ["--lora-dir", str(loras)], "<lora:missing>: no missing."),
+                                   ("a <hypernet:h>", [], "hypernetworks are not supported")):
+        bad = tmp_path / "bad"
+        assert cli.main([*common, "--prompt", prompt, "--outdir", str(bad), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not list((bad / "samples").glob("*.png"))
+
+
+def test_demo_lora_tags(sd1, folders, tmp_path, capsys):
+    """The demo's generate with --lora-dir's PromptLoras: a tagged prompt gives the library's image with the tag's
+    LoRA, its PNG parameters keep the tag and list the LoRA; a bad tag is the request's ValueError;
+    `sdjax demo --lora-dir` of a missing folder is one line before any model loads."""
+    pytest.importorskip("gradio")
+    from PIL import Image
+
+    from sdjax import cli
+    from sdjax.app import PromptLoras
+    from sdjax.demo import generate
+
+    style = sd1_kohya(folders, tmp_path / "style.safetensors", seed=23)
+    kw = dict(guidance_scale=5.0, width=32, height=32, steps=2, sampler="ddim", seed=3, n_candidates=1)
+    try:
+        loras = PromptLoras(sd1, (), [tmp_path])
+        got = generate(sd1, "a cat <lora:style:0.6>", outdir=tmp_path / "a", loras=loras, **kw)[0]
+        plain = generate(sd1, "a cat ", outdir=tmp_path / "b", loras=loras, **kw)[0]
+        with pytest.raises(ValueError, match="<lora:nothing>: no nothing"):
+            generate(sd1, "a cat <lora:nothing>", outdir=tmp_path / "c", loras=loras, **kw)
+        sd1.set_adapters(["style"], [0.6])
+        want = sd1("a cat ", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=3).images[0]
+    finally:
+        sd1.unload_lora_weights()
+    base = sd1("a cat ", height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=3).images[0]
+    image = np.asarray(Image.open(got.path), np.int16)
+    assert np.abs(image - np.asarray(want, np.int16)).max() <= 1
+    assert np.abs(np.asarray(Image.open(plain.path), np.int16) - np.asarray(base, np.int16)).max() <= 1
+    assert np.abs(image - np.asarray(base, np.int16)).max() > 5
+    assert got.parameters.startswith("a cat <lora:style:0.6>\n") and 'Lora hashes: "style: ' in got.parameters
+    assert "Lora hashes" not in plain.parameters
+    capsys.readouterr()
+    assert cli.main(["demo", "--ckpt", str(tmp_path / "no-model"), "--lora-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lora-dir" in err and "no such folder" in err and "\n" not in err
