@@ -761,3 +761,59 @@ def test_demo_lora_tags(sd1, folders, tmp_path, capsys):
     assert cli.main(["demo", "--ckpt", str(tmp_path / "no-model"), "--lora-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--lora-dir" in err and "no such folder" in err and "\n" not in err
+
+
+def test_sdxl_refiner_lora_images_match_diffusers(tmp_path, monkeypatch):
+    """A kohya file for the refiner's UNet (original layout) and text_encoder_2, in an img2img call: diffusers'
+    StableDiffusionXLImg2ImgPipeline with the same file gives the same images."""
+    from sdjax.pipelines import noise
+
+    from pipeline_fixtures import patch_noise, pil_image, sdjax_noise, smooth_image
+
+    folder = build_sdxl(tmp_path / "refiner", refiner=True, seed=2)
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    unet = [(sgm_name(n), m) for n, m in layers(ref.unet)]
+    te2 = joined(layers(ref.text_encoder_2, lambda n: n != "text_projection"))
+    path = kohya_file(tmp_path / "refiner.safetensors", [("lora_unet_", unet), ("lora_te2_", te2)], seed=24)
+    kw = dict(image=[pil_image(smooth_image(H, W, 0)), pil_image(smooth_image(H, W, 1))], strength=0.6,
+              num_inference_steps=STEPS, guidance_scale=6.0, output_type="np", aesthetic_score=7.0)
+    base = pipe(PROMPTS, sampler="ddim", **kw).images
+    pipe.load_lora_weights(path)
+    got = pipe(PROMPTS, sampler="ddim", **kw).images
+    ref.load_lora_weights(str(path))
+    patch_noise(monkeypatch, [sdjax_noise(2, LATENT, noise.STREAM_IMAGE_LATENTS), sdjax_noise(2, LATENT)])
+    with torch.no_grad():
+        want = ref(PROMPTS, **kw).images
+    assert np.abs(got - base).max() > 0.05
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_x4_upscaler_lora_images_match_diffusers(tmp_path, monkeypatch):
+    """A kohya file for every Linear and Conv of the x4 upscaler's UNet and its text encoder: diffusers'
+    StableDiffusionUpscalePipeline with the same file gives the same images (same latents and low-res noise)."""
+    from pipeline_fixtures import build_upscaler, nchw, patch_noise, pil_image, smooth_image
+
+    folder = build_upscaler(tmp_path / "x4", seed=1)
+    pipe = sdjax.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    path = kohya_file(tmp_path / "x4.safetensors", [("lora_unet_", joined(layers(ref.unet))),
+                                                   ("lora_te_", joined(layers(ref.text_encoder)))], seed=25)
+    h, w = 16, 24
+    low = [pil_image(smooth_image(h, w, 0)), pil_image(smooth_image(h, w, 3))]
+    lat = np.random.default_rng(9).standard_normal((2, h, w, 4)).astype(np.float32)
+    low_noise = np.random.default_rng(10).standard_normal((2, h, w, 3)).astype(np.float32)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, noise_level=30, output_type="np")
+    base = pipe(PROMPTS, low, sampler="ddim", latents=lat, low_res_noise=low_noise, **kw).images
+    pipe.load_lora_weights(path)
+    got = pipe(PROMPTS, low, sampler="ddim", latents=lat, low_res_noise=low_noise, **kw).images
+    ref.load_lora_weights(str(path))
+    patch_noise(monkeypatch, [low_noise])
+    with torch.no_grad():
+        want = ref(PROMPTS, low, latents=nchw(lat), **kw).images
+    assert np.abs(got - base).max() > 0.05
+    assert np.abs(got - want).max() <= TOL
