@@ -579,14 +579,20 @@ class PretrainedModel:
 
     def save_pretrained(self, path: str | os.PathLike, variant: str | None = None, dtype=None) -> None:
         """Write `config.json` and `<stem>[.variant].safetensors` that diffusers/transformers can load."""
+        self.write_pretrained(path, self.config.to_dict(), state_dict(self, dtype), variant)
+
+    @classmethod
+    def write_pretrained(cls, path: str | os.PathLike, config: dict, state: dict[str, np.ndarray],
+                         variant: str | None = None) -> None:
+        """Write `config` as config.json and `state` (torch names and layout) as this class's weight file."""
         from safetensors.numpy import save_file
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        stem = self.weight_stems[0]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        stem = cls.weight_stems[0]
         name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
-        save_file(state_dict(self, dtype), str(folder / name), metadata={"format": "pt"})
+        save_file(state, str(folder / name), metadata={"format": "pt"})
 
 
 def count_params(model: nnx.Module) -> int:

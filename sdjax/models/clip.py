@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from sdjax.loading import PretrainedModel, config_fields
+from sdjax.loading import PretrainedModel, config_fields, state_dict
 from sdjax.models.layers import layer_norm, linear
 
 # transformers' ACT2FN names -> functions (torch's GELU is exact erf unless "tanh" is named)
@@ -343,6 +343,17 @@ class CLIPTextTransformer(nnx.Module):
 
 
 _TEXT_ONLY_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
+TOKEN_TABLE = "text_model.embeddings.token_embedding.weight"
+
+
+def save_text_model(model, path, variant=None, dtype=None, vocab_size: int | None = None) -> None:
+    """`save_pretrained` of the CLIP text models; vocab_size: keep only the token table's first rows (a pipeline's
+    textual inversion grows the table, and its config with it, past the model's own vocabulary)."""
+    rows = vocab_size or model.config.vocab_size
+    state = state_dict(model, dtype)
+    state[TOKEN_TABLE] = state[TOKEN_TABLE][:rows]
+    config = dataclasses.replace(model.config, vocab_size=rows).to_dict()
+    model.write_pretrained(path, config, state, variant)
 
 
 class CLIPTextModel(PretrainedModel, nnx.Module):
@@ -367,6 +378,9 @@ class CLIPTextModel(PretrainedModel, nnx.Module):
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput:
         return self.text_model(input_ids, attention_mask, output_hidden_states)
 
+    def save_pretrained(self, path, variant=None, dtype=None, vocab_size: int | None = None) -> None:
+        save_text_model(self, path, variant, dtype, vocab_size)
+
 
 class CLIPTextModelWithProjection(PretrainedModel, nnx.Module):
     """CLIPTextModel plus `text_projection` (no bias): output.text_embeds (B, projection_dim). SDXL's
@@ -385,6 +399,9 @@ class CLIPTextModelWithProjection(PretrainedModel, nnx.Module):
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput:
         out = self.text_model(input_ids, attention_mask, output_hidden_states)
         return out.replace(text_embeds=self.text_projection(out.pooler_output))
+
+    def save_pretrained(self, path, variant=None, dtype=None, vocab_size: int | None = None) -> None:
+        save_text_model(self, path, variant, dtype, vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

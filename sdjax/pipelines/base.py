@@ -306,6 +306,35 @@ class DiffusionPipeline(TextualInversionMixin):
             self._adapters = Adapters(networks, Targets(networks, layers_per_block=layers_per_block, sdxl=sdxl))
         return self._adapters
 
+    # -- saving -----------------------------------------------------------------------------------------------------
+
+    def component_configs(self):
+        """The family's `sdjax.original_layout.ComponentConfigs` of the parts as they are."""
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory, variant: str | None = None, dtype=None):
+        """Write the pipeline as a new diffusers folder that diffusers and sdjax load: its networks' current weights
+        (fused LoRAs included), tokenizers, scheduler configs and model_index.json. The folder must not exist (it
+        is written next to it and renamed into place: never half-written, nothing overwritten). variant: weight
+        files named `<stem>.<variant>.safetensors` (diffusers' variant); dtype: the saved weights' dtype (default:
+        as they are). Loaded adapters must be fused and unloaded, or unloaded, first; textual-inversion embeddings
+        unloaded (they stay files to load at run time). Returns the folder's path."""
+        from sdjax.lora.targets import is_abstract
+        from sdjax.pipelines.saving import save_pipeline
+
+        if self._adapters is not None and self._adapters.loaded:
+            raise ValueError(f"LoRA adapters are loaded ({', '.join(self._adapters.loaded)}): fuse_lora() then "
+                             "unload_lora_weights() to save them merged into the weights, or unload_lora_weights() "
+                             "to save the model without them")
+        if self._ti_loaded():
+            raise ValueError("textual-inversion embeddings are loaded: unload_textual_inversion() first (load the "
+                             "embedding files again after loading the saved folder)")
+        if any(is_abstract(m) for m in (self.unet, self.vae, *self.text_encoders().values())):
+            raise ValueError("this pipeline has shapes only (no weights): nothing to save")
+        vocab = self._ti_base_rows()  # tables grown by embeddings since unloaded: saved at their own size
+        return save_pipeline(self, save_directory, self.component_configs(), vocab_sizes=vocab, variant=variant,
+                             dtype=dtype)
+
     # -- size limits ------------------------------------------------------------------------------------------------
 
     def max_pixels(self) -> int | None:

@@ -9,9 +9,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sdjax import prompts as prompts_lib
+from sdjax.original_layout import ComponentConfigs
 from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines.base import DiffusionPipeline, PipelineOutput, PromptInputs, per_prompt
 from sdjax.pipelines.program import Conditioning
+
+
+def scheduler_with_class(config: dict) -> dict:
+    """A scheduler config with its diffusers `_class_name` (a folder's file may lack it; DDIM then, sdjax's default
+    sampler)."""
+    return {"_class_name": "DDIMScheduler", **config}
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -95,6 +102,15 @@ class StableDiffusionPipeline(DiffusionPipeline):
             **folder_lib.load_vae_unet(source, dtype, param_dtype, vae_dtype),
             mesh=mesh,
         )
+
+    def component_configs(self) -> ComponentConfigs:
+        """The configs and model_index.json of this pipeline's parts as they are (what `save_pretrained` writes)."""
+        inpaint = self.unet.config.in_channels == 2 * self.latent_channels + 1
+        return ComponentConfigs(
+            pipeline_class="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline",
+            unet=self.unet.config.to_dict(), vae=self.vae.config.to_dict(),
+            text_encoder=self.text_encoder.config.to_dict(), text_encoder_2=None,
+            scheduler=scheduler_with_class(self.scheduler_config))
 
     # -- conditioning: the last hidden state of the CLIP text encoder ------------------------------------------------
 

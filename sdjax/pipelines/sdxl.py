@@ -14,7 +14,8 @@ from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines.base import PipelineOutput, PromptInputs, check_fraction, per_prompt
 from sdjax.pipelines.images import to_list
 from sdjax.pipelines.program import Conditioning
-from sdjax.pipelines.sd import StableDiffusionPipeline, encode_chunks
+from sdjax.original_layout import ComponentConfigs
+from sdjax.pipelines.sd import StableDiffusionPipeline, encode_chunks, scheduler_with_class
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
@@ -83,6 +84,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def text_encoders(self) -> dict:
         return {name: getattr(self, name) for name in self.encoder_names()}
+
+    def component_configs(self) -> ComponentConfigs:
+        base = self.text_encoder is not None
+        return ComponentConfigs(
+            pipeline_class="StableDiffusionXLPipeline" if base else "StableDiffusionXLImg2ImgPipeline",
+            unet=self.unet.config.to_dict(), vae=self.vae.config.to_dict(),
+            text_encoder=self.text_encoder.config.to_dict() if base else None,
+            text_encoder_2=self.text_encoder_2.config.to_dict(), scheduler=scheduler_with_class(self.scheduler_config),
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=self.requires_aesthetics_score)
 
     def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, prompt_2=None,
                      negative_prompt_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,

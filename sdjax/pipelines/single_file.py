@@ -140,30 +140,27 @@ def convert(path, out_dir, **options) -> Path:
     `out_dir` and renamed into place at the end, so an interrupted run leaves no half-written folder; an existing
     `out_dir` is never overwritten."""
     import json
-    import os
     import shutil
-    import tempfile
 
     import numpy as np
     from safetensors.numpy import save_file
 
+    from sdjax.pipelines.saving import write_json, write_new_folder, write_schedulers
     from sdjax.tokenizer import PACKAGED
 
     out = Path(out_dir).expanduser()
-    if out.exists():
+    if out.exists():  # before the file is read
         raise FileExistsError(f"{out}: already exists (sdjax convert never overwrites)")
     source = open_single_file(path, **options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write = lambda file, value: file.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-        write(tmp / "model_index.json", source.index)
+
+    def fill(tmp: Path) -> None:
+        write_json(tmp / "model_index.json", source.index)
         for part in PARTS:
             view, config = getattr(source.views, part), getattr(source.configs, part)
             if view is None or config is None or not source.has(part):
                 continue
             (tmp / part).mkdir()
-            write(tmp / part / "config.json", config)
+            write_json(tmp / part / "config.json", config)
             # one component at a time in memory (views are lazy: nothing else is read)
             save_file({k: np.ascontiguousarray(view[k]) for k in view}, str(tmp / part / WEIGHT_FILES[part]),
                       metadata={"format": "pt"})
@@ -175,13 +172,7 @@ def convert(path, out_dir, **options) -> Path:
                 shutil.copyfile(PACKAGED / name, tmp / tokenizer / name)
             tok_config = json.loads((PACKAGED / "tokenizer_config.json").read_text())
             tok_config["pad_token"] = source.tokenizer(tokenizer).hf.pad_token
-            write(tmp / tokenizer / "tokenizer_config.json", tok_config)
-        for part in ("scheduler", "low_res_scheduler"):
-            if getattr(source.configs, part) is not None:
-                (tmp / part).mkdir()
-                write(tmp / part / "scheduler_config.json", getattr(source.configs, part))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            write_json(tmp / tokenizer / "tokenizer_config.json", tok_config)
+        write_schedulers(tmp, source.configs)
+
+    return write_new_folder(out, fill)

@@ -250,6 +250,12 @@ class TextualInversionMixin:
             tokenizer.group_tokens(list(ids))
         self._ti_state.append(LoadedToken(encoder, names, ids, vectors))
 
+    def _ti_base_rows(self) -> dict[str, int]:
+        """encoder -> its token table's rows before any embedding, for the tables embeddings have grown."""
+        self._ti_loaded()
+        return {name: info.base_rows for name, info in self._ti_tables.items()
+                if self.text_encoders()[name].config.vocab_size != info.base_rows}
+
     def _ti_write(self, encoders) -> None:
         """Write the loaded rows of each encoder into its table (grown to the next bucket if they do not fit)."""
         for name in sorted(encoders):

@@ -27,6 +27,7 @@ from sdjax.pipelines import folder as folder_lib
 from sdjax.pipelines import images as images_lib
 from sdjax.pipelines.base import OUTPUT_TYPES, PipelineOutput, PromptInputs, check_prompts, check_seed
 from sdjax.pipelines.noise import STREAM_IMAGE_LATENTS, image_keys, image_noise, tile_keys
+from sdjax.original_layout import ComponentConfigs
 from sdjax.pipelines.sd import StableDiffusionPipeline
 
 SCALING_FACTOR = 0.08333  # the x4 upscaler VAE's; diffusers forces it whatever the config says
@@ -65,6 +66,12 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     @classmethod
     def accepts(cls, index: dict) -> bool:
         return folder_lib.has_component(index, "low_res_scheduler")
+
+    def component_configs(self) -> ComponentConfigs:
+        return dataclasses.replace(
+            super().component_configs(), pipeline_class="StableDiffusionUpscalePipeline",
+            low_res_scheduler={"_class_name": "DDPMScheduler", **self.low_res_scheduler_config},
+            max_noise_level=self.max_noise_level)
 
     @classmethod
     def from_parts(cls, source, *, dtype, param_dtype, vae_dtype, mesh):
