@@ -261,11 +261,13 @@ def mesh_devices(mesh):
     return devices[:n]
 
 
-def load_embeddings(specs, pipe, refiner=None) -> list[tuple[str, str]]:
+def load_embeddings(specs, pipe, refiner=None, dirs=(), texts=()) -> list[tuple[str, str]]:
     """`--embedding FILE[:TOKEN]` (repeatable): each file's textual-inversion embedding into the pipeline (TOKEN:
     the prompt's word for it; default: the name the file gives, else its file name without extension). An SDXL file
-    (clip_l/clip_g) also goes into the refiner, as its clip_g. Returns [(token, file)]."""
-    from sdjax.embeddings import read_embedding
+    (clip_l/clip_g) also goes into the refiner, as its clip_g. `--embeddings-dir DIR` (`dirs`): as A1111's embeddings
+    folder, every file there whose name (without extension) a prompt or negative prompt in `texts` uses, under that
+    name. Returns [(token, file)]."""
+    from sdjax.embeddings import named_in
 
     loaded = []
     for spec in [specs] if isinstance(specs, str) else list(specs or []):
@@ -276,13 +278,27 @@ def load_embeddings(specs, pipe, refiner=None) -> list[tuple[str, str]]:
             path, token = spec.rsplit(":", 1)
             if not token:
                 raise UsageError(f"--embedding {spec}: the token after ':' is empty")
-        try:
-            embedding = read_embedding(path)
-            token = token or embedding.name or embedding.stem
-            pipe.load_textual_inversion(embedding, token=token)
-            if refiner is not None and embedding.is_sdxl:
-                refiner.load_textual_inversion(embedding, token=token)
-        except ValueError as e:
-            raise UsageError(f"--embedding {spec}: {one_line(e)}") from None
-        loaded.append((token, path))
+        loaded.append((_load_embedding(path, token, pipe, refiner, f"--embedding {spec}"), path))
+    try:
+        found = named_in(texts, [dirs] if isinstance(dirs, str) else list(dirs or []))
+    except ValueError as e:
+        raise UsageError(one_line(e)) from None
+    given = {token for token, _ in loaded}
+    for name, path in found.items():
+        if name not in given:
+            loaded.append((_load_embedding(path, name, pipe, refiner, f"embedding {name} ({path})"), str(path)))
     return loaded
+
+
+def _load_embedding(path, token, pipe, refiner, what: str) -> str:
+    from sdjax.embeddings import read_embedding
+
+    try:
+        embedding = read_embedding(path)
+        token = token or embedding.name or embedding.stem
+        pipe.load_textual_inversion(embedding, token=token)
+        if refiner is not None and embedding.is_sdxl:
+            refiner.load_textual_inversion(embedding, token=token)
+    except ValueError as e:
+        raise UsageError(f"{what}: {one_line(e)}") from None
+    return token

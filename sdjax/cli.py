@@ -47,6 +47,9 @@ def _add_embedding_flag(p: argparse.ArgumentParser):
                    help="a textual-inversion embedding, FILE or FILE:TOKEN (repeatable): A1111 .pt, .safetensors "
                         "(emb_params, or SDXL clip_l/clip_g), diffusers learned_embeds; prompts use TOKEN (default: "
                         "the name the file gives, else its file name without extension)")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", action="append", metavar="DIR",
+                   help="A1111's embeddings folder: every embedding file there (and below) whose name without "
+                        "extension a prompt or the negative prompt uses is loaded under that name; repeatable")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
@@ -124,7 +127,7 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
     "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "lora_dir": "lora_dir",
-    "embedding": "embedding",
+    "embeddings_dir": "embeddings_dir", "embedding": "embedding",
     "embeddings": "embedding", "attention_chunking": "attention_chunking", "vae_tiling": "vae_tiling",
 }
 
@@ -396,7 +399,8 @@ def cmd_generate(args, mode: str) -> int:
     for prompt in prompts:  # every tag's file found and loaded: a bad one fails before any image
         loras.split(prompt)
     refiner = load_refiner(s, pipe, precision) if s.get("refiner") else None
-    load_embeddings(s.get("embedding"), pipe, refiner)
+    load_embeddings(s.get("embedding"), pipe, refiner, s.get("embeddings_dir"),
+                    [*prompts, s.get("negative_prompt") or ""])
     f = pipe.vae_scale_factor
     for key in ("H", "W"):
         if s.get(key) is not None and int(s[key]) % f:
@@ -603,7 +607,8 @@ def cmd_upscale(args) -> int:
     pipe, precision, ckpt = load_pipeline(s)
     if not isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
-    load_embeddings(s.get("embedding"), pipe)
+    load_embeddings(s.get("embedding"), pipe, dirs=s.get("embeddings_dir"),
+                    texts=[*prompts, s.get("negative_prompt") or ""])
     tile_size = s.get("tile_size") or pipe.unet.config.sample_size
     if s.get("tile_overlap") is not None and s["tile_overlap"] >= tile_size:
         raise UsageError(f"--tile-overlap {s['tile_overlap']} must be smaller than the tile size {tile_size}")

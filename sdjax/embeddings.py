@@ -129,4 +129,31 @@ def read_embedding(path: str | os.PathLike, weight_name: str | None = None) -> E
     return from_tree(tree, str(path), stem=path.stem)
 
 
-__all__ = ["DIFFUSERS_NAMES", "Embedding", "from_tree", "read_embedding"]
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+def named_in(texts, dirs) -> dict[str, Path]:
+    """The embeddings of `dirs` (and their subfolders) that `texts` name, as A1111's embeddings folder works: a
+    file's name without extension is the word a prompt uses (whole words, as written). {name: file}. A folder that
+    is not there, or two files of one name that a text uses, is a ValueError of one line."""
+    import re
+
+    files: dict[str, list[Path]] = {}
+    for d in dirs:
+        d = Path(d).expanduser()
+        if not d.is_dir():
+            raise ValueError(f"--embeddings-dir {d}: no such folder")
+        for f in sorted(d.rglob("*")):
+            if f.suffix.lower() in EMBEDDING_SUFFIXES and f.is_file():
+                files.setdefault(f.stem, []).append(f)
+    text = "\n".join(texts)
+    used = {name: found for name, found in files.items()
+            if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
+    for name, found in used.items():
+        if len(found) > 1:
+            raise ValueError(f"embedding {name!r}: {len(found)} files have that name in --embeddings-dir "
+                             f"({', '.join(map(str, found[:3]))}); rename one")
+    return {name: found[0] for name, found in used.items()}
+
+
+__all__ = ["DIFFUSERS_NAMES", "EMBEDDING_SUFFIXES", "Embedding", "from_tree", "named_in", "read_embedding"]

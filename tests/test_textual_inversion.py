@@ -392,6 +392,39 @@ def test_cli_embedding_flag(sd1, folders, tmp_path, capsys, unload_after):
         assert len(err.strip().splitlines()) == 1 and words in err and "--embedding" in err, err
 
 
+def test_cli_embeddings_dir(sd1, folders, tmp_path, capsys, unload_after):
+    """`--embeddings-dir DIR` (A1111's embeddings folder): the files whose names the prompt and the negative prompt
+    use are loaded under those names (not the name inside the file) and give the library's image with them; files
+    nobody names are not read (a broken one does no harm until a prompt names it: then one line, exit 2)."""
+    folder = tmp_path / "embeddings"
+    (folder / "negative").mkdir(parents=True)
+    neg = a1111_pt(folder / "negative" / "EasyNeg.pt", "<inside>", vectors(2, 32, 42))
+    style = kohya_safetensors(folder / "style-v2.safetensors", vectors(3, 32, 43))
+    (folder / "unused.pt").write_bytes(b"not an embedding at all")
+    prompt, negative = "a (style-v2:1.2) photo of a cat", "EasyNeg, blurry"
+    base = ["txt2img", "--n_samples", "1", "--n_iter", "1", "--ckpt", str(folders["sd1"]), "--skip_grid", "--seed",
+            "3", "--H", "32", "--W", "32", "--ddim_steps", "2", "--scale", "5", "--embeddings-dir", str(folder)]
+    out = tmp_path / "out"
+    assert cli.main(base + ["--outdir", str(out), "--prompt", prompt, "--negative-prompt", negative]) == 0
+    (png,) = (out / "samples").glob("*.png")
+    with Image.open(png) as im:
+        theirs = np.asarray(im.convert("RGB"), np.float32) / 255
+    sd1.load_textual_inversion([str(neg), str(style)], token=["EasyNeg", "style-v2"])
+    ours = sd1(prompt, negative, height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=[3],
+               prompt_syntax="a1111").images[0]
+    assert np.array_equal(np.asarray(ours, np.float32) / 255, theirs)
+    sd1.unload_textual_inversion()
+    plain = sd1(prompt, negative, height=32, width=32, num_inference_steps=2, guidance_scale=5.0, seed=[3],
+                prompt_syntax="a1111").images[0]
+    assert np.abs(np.asarray(plain, np.float32) / 255 - theirs).max() > 0.02  # the embeddings were used
+    capsys.readouterr()
+    for extra, words in ((["--prompt", "a unused cat"], "embedding unused"),
+                         (["--prompt", "a cat", "--embeddings-dir", str(tmp_path / "none")], "no such folder")):
+        assert cli.main(base + ["--outdir", str(tmp_path / "bad")] + extra) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
 # -- errors -------------------------------------------------------------------------------------------------------
 
 
