@@ -71,6 +71,7 @@ class RunSpec:
     high_noise_frac: float | None = None
     prompt_syntax: str = "plain"  # how the prompts are read (sdjax.prompts): "plain" or "a1111"
     emphasis: str = "original"  # A1111's emphasis mode, with prompt_syntax "a1111"
+    clip_skip: int = 1  # A1111's "Clip skip" (1: the text encoder's last layer; N: N-1 layers before it)
     loras: tuple = ()  # sdjax.extra_networks.LoraUse of every --lora file (merged for every image)
 
     def run_id(self) -> str:
@@ -87,6 +88,8 @@ class RunSpec:
             fields["loras"] = [[u.file, u.unet, u.hash] + ([] if u.te == u.unet else [u.te]) for u in self.loras]
         if self.prompt_syntax == "plain" and self.emphasis == "original":  # and runs of literal prompts
             del fields["prompt_syntax"], fields["emphasis"]
+        if self.clip_skip == 1:  # and runs without clip skip
+            del fields["clip_skip"]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -123,7 +126,7 @@ A1111_NAMES = {
     "batch_position": "Batch pos", "refiner": "Refiner", "high_noise_frac": "Refiner switch at",
     "refiner_steps": "Refiner steps", "refiner_mode": "Refiner mode", "refiner_strength": "Refiner strength",
     "noise_level": "Noise level", "init_image": "Init image", "tile_size": "Tile size", "clip_score": "CLIP score",
-    "model_hash": "Model hash", "emphasis": "Emphasis", "lora_hashes": "Lora hashes",
+    "model_hash": "Model hash", "emphasis": "Emphasis", "lora_hashes": "Lora hashes", "clip_skip": "Clip skip",
 }
 EMPHASIS_NAMES = {"original": "Original", "none": "No norm"}  # A1111's names of its emphasis modes
 
@@ -154,9 +157,16 @@ def image_metadata(*, prompt: str, negative: str, seed, sampler: str, steps: int
     return text, record
 
 
-def syntax_fields(prompt_syntax: str, emphasis: str) -> dict:
-    """The metadata fields that say how prompts were read: the syntax, and its emphasis mode with "a1111"."""
-    return dict(prompt_syntax=prompt_syntax, emphasis=emphasis if prompt_syntax == "a1111" else None)
+def syntax_fields(prompt_syntax: str, emphasis: str, clip_skip: int = 1) -> dict:
+    """The metadata fields that say how prompts were read: the syntax, its emphasis mode with "a1111", and A1111's
+    clip skip when it is above 1."""
+    return dict(prompt_syntax=prompt_syntax, emphasis=emphasis if prompt_syntax == "a1111" else None,
+                **({"clip_skip": clip_skip} if clip_skip > 1 else {}))
+
+
+def clip_skip_options(clip_skip: int) -> dict:
+    """A1111's "Clip skip: N" as the pipelines' options: both prompts and negatives read N-1 layers earlier."""
+    return dict(clip_skip=clip_skip - 1, negative_clip_skip=clip_skip - 1)
 
 
 def temporary_name(suffix: str = ".png") -> str:
@@ -443,7 +453,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                        num_inference_steps=spec.steps, guidance_scale=spec.scale, sampler=spec.sampler,
                        seed=[seed] * len(prompts), num_images_per_prompt=spec.per_call, image=image, mask_image=mask,
                        strength=spec.strength, output_type="np", prompt_syntax=spec.prompt_syntax,
-                       emphasis=spec.emphasis, **handoff)
+                       emphasis=spec.emphasis, **clip_skip_options(spec.clip_skip), **handoff)
             total = len(prompts) * spec.per_call
             mine = [int(i) for i in out.indices]  # batch positions this process holds (all, with one process)
             if reranker is not None and n_processes > 1:  # scoring needs every candidate of a prompt
@@ -473,7 +483,7 @@ def run_bulk(pipe, spec: RunSpec, outdir: str | os.PathLike, *, reranker=None, s
                         steps=spec.steps, scale=spec.scale, width=im.width, height=im.height, model=spec.model,
                         precision=precision, **({} if spec.model_hash is None else {"model_hash": spec.model_hash}),
                         run_id=run_id, job=list(job), batch_position=k, mode=spec.mode,
-                        **syntax_fields(spec.prompt_syntax, spec.emphasis),
+                        **syntax_fields(spec.prompt_syntax, spec.emphasis, spec.clip_skip),
                         clip_score=scores[k], rank=rank if reranker is not None else None, **handoff_fields,
                         **lora_fields(uses),
                         **({"process": process} if n_processes > 1 else {}))
@@ -519,11 +529,12 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
                       scale: float = 9.0, noise_level: int = 20, sampler: str = "ddim", seed: int = 42,
                       tile_size: int | None = None, tile_overlap: int | None = None, model: str = "",
                       precision: str = "", model_hash: str | None = None, prompt_syntax: str = "plain",
-                      emphasis: str = "original") -> list[dict]:
+                      emphasis: str = "original", clip_skip: int = 1) -> list[dict]:
     """Upscale `init_image` once per prompt (n_samples images each, seed `seed`) into outdir/samples/NNNNN.png:
     numbered after the files already there (never overwritten), with the `parameters` and `sdjax` PNG chunks and
     a manifest.jsonl line per image, as `run_bulk`. `pipe`: a StableDiffusionUpscalePipeline. Returns the manifest
-    records written. prompt_syntax, emphasis: how the prompts are read (`sdjax.prompts`)."""
+    records written. prompt_syntax, emphasis, clip_skip: how the prompts are read (`sdjax.prompts`; clip_skip as
+    A1111's)."""
     from sdjax.pipelines.images import normalise
 
     outdir = Path(outdir)
@@ -533,21 +544,22 @@ def upscale_to_folder(pipe, init_image: str | os.PathLike, prompts: Sequence[str
     settings = dict(mode="upscale", prompts=list(prompts), negative=negative_prompt, n_samples=n_samples,
                     steps=steps, scale=scale, noise_level=noise_level, sampler=sampler, seed=seed,
                     tile_size=tile_size, tile_overlap=tile_overlap, model=model, init_image=str(init_image),
-                    **({} if prompt_syntax == "plain" else syntax_fields(prompt_syntax, emphasis)))
+                    **({} if prompt_syntax == "plain" else syntax_fields(prompt_syntax, emphasis)),
+                    **({"clip_skip": clip_skip} if clip_skip > 1 else {}))
     run_id = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     written = []
     for p, prompt in enumerate(prompts):
         out = pipe(prompt, low, negative_prompt, num_inference_steps=steps, guidance_scale=scale,
                    noise_level=noise_level, sampler=sampler, seed=[seed], num_images_per_prompt=n_samples,
                    tile_size=tile_size, tile_overlap=tile_overlap, prompt_syntax=prompt_syntax,
-                   emphasis=emphasis).images
+                   emphasis=emphasis, **clip_skip_options(clip_skip)).images
         for k, im in enumerate(out):
             params, record = image_metadata(
                 prompt=prompt, negative=negative_prompt, seed=seed, sampler=sampler, steps=steps, scale=scale,
                 width=im.width, height=im.height, model=model, precision=precision,
                 **({} if model_hash is None else {"model_hash": model_hash}), run_id=run_id, job=[p, 0, k],
                 batch_position=k, mode="upscale", noise_level=noise_level, init_image=str(init_image),
-                tile_size=tile_size, tile_overlap=tile_overlap, **syntax_fields(prompt_syntax, emphasis))
+                tile_size=tile_size, tile_overlap=tile_overlap, **syntax_fields(prompt_syntax, emphasis, clip_skip))
             with interrupts.writing():
                 path = save_png_exclusive(im, samples, {"parameters": params, "sdjax": json.dumps(record)})
                 record["file"] = str(path.relative_to(outdir))

@@ -40,6 +40,9 @@ def _add_prompt_syntax_flags(p: argparse.ArgumentParser):
                         "AUTOMATIC1111; plain: the text as it is (prompts and negative prompt alike)")
     p.add_argument("--emphasis", choices=["original", "none"],
                    help="with --prompt-syntax a1111: original (default; weighted chunks keep their mean) or none")
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, metavar="N",
+                   help="A1111's Clip skip: read prompts N-1 text-encoder layers before the last (default 1: the "
+                        "last; 2 for many anime models); prompts and negative prompt alike")
 
 
 def _add_embedding_flag(p: argparse.ArgumentParser):
@@ -116,7 +119,7 @@ def _add_generation_flags(p: argparse.ArgumentParser, mode: str):
 
 
 DEFAULTS = dict(n_samples=3, n_iter=2, scale=7.5, ddim_steps=50, seed=42, sampler="ddim", keep=1,
-                prompt_syntax="a1111", emphasis="original")
+                prompt_syntax="a1111", emphasis="original", clip_skip=1)
 CONFIG_KEYS = {  # YAML key -> flag dest
     "model": "ckpt", "ckpt": "ckpt", "sampler": "sampler", "steps": "ddim_steps", "ddim_steps": "ddim_steps",
     "scale": "scale", "H": "H", "W": "W", "height": "H", "width": "W", "precision": "precision",
@@ -127,13 +130,13 @@ CONFIG_KEYS = {  # YAML key -> flag dest
     "noise_level": "noise_level", "tile_size": "tile_size", "tile_overlap": "tile_overlap",
     "model_config": "model_config", "prediction_type": "prediction_type",
     "prompt_syntax": "prompt_syntax", "emphasis": "emphasis", "lora": "lora", "lora_dir": "lora_dir",
-    "embeddings_dir": "embeddings_dir", "embedding": "embedding",
+    "embeddings_dir": "embeddings_dir", "embedding": "embedding", "clip_skip": "clip_skip",
     "embeddings": "embedding", "attention_chunking": "attention_chunking", "vae_tiling": "vae_tiling",
 }
 
 
 INT_SETTINGS = {"n_samples", "n_iter", "ddim_steps", "H", "W", "seed", "n_candidates", "keep", "prompts_per_batch",
-                "refiner_steps", "noise_level", "tile_size", "tile_overlap"}
+                "refiner_steps", "noise_level", "tile_size", "tile_overlap", "clip_skip"}
 FLOAT_SETTINGS = {"scale", "strength", "high_noise_frac"}
 
 
@@ -233,6 +236,8 @@ def resolve_settings(args: argparse.Namespace, mode: str) -> dict:
         raise UsageError(f"prompt_syntax must be a1111 or plain, got {s['prompt_syntax']!r}")
     if s["emphasis"] not in ("original", "none"):
         raise UsageError(f"emphasis must be original or none, got {s['emphasis']!r}")
+    if int(s["clip_skip"]) < 1:
+        raise UsageError(f"--clip-skip must be at least 1 (1: the text encoder's last layer), got {s['clip_skip']}")
     if s.get("precision") not in (None, "full", "autocast"):
         raise UsageError(f"precision must be full or autocast, got {s['precision']!r}")
     _check_refiner_settings(s, mode)
@@ -362,6 +367,13 @@ def start_processes(s: dict) -> tuple[int, int]:
         raise UsageError(one_line(e)) from None
 
 
+def check_clip_skip(s: dict, pipe) -> None:
+    """--clip-skip against the loaded model's text encoder (before any image)."""
+    top = pipe.clip_skip_limit() + 1
+    if int(s["clip_skip"]) > top:
+        raise UsageError(f"--clip-skip {s['clip_skip']}: this model's text encoder allows 1 to {top}")
+
+
 def set_memory_savers(pipe, s: dict) -> None:
     """--attention-chunking and --vae-tiling."""
     if s.get("attention_chunking"):
@@ -389,6 +401,7 @@ def cmd_generate(args, mode: str) -> int:
         raise UsageError(f"--outdir {outdir}: {os_error_line(e)}") from None
     pipe, precision, ckpt = load_pipeline(s)
     set_memory_savers(pipe, s)
+    check_clip_skip(s, pipe)
     from sdjax.pipelines.upscale import StableDiffusionUpscalePipeline
 
     if isinstance(pipe, StableDiffusionUpscalePipeline):
@@ -437,7 +450,8 @@ def cmd_generate(args, mode: str) -> int:
         model_hash=model_hash(ckpt),
         n_candidates=s.get("n_candidates"), keep=int(s["keep"]) if s.get("n_candidates") else None, mode=mode,
         strength=float(s["strength"]), init_image=s.get("init_img"), mask=s.get("mask"),
-        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"], loras=loras.activate(),
+        prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"], clip_skip=int(s["clip_skip"]),
+        loras=loras.activate(),
         **({} if refiner is None else dict(
             refiner=Path(str(s["refiner"])).name or str(s["refiner"]), high_noise_frac=s["high_noise_frac"],
             refiner_steps=int(s.get("refiner_steps") or s["ddim_steps"]))),
@@ -607,6 +621,7 @@ def cmd_upscale(args) -> int:
     pipe, precision, ckpt = load_pipeline(s)
     if not isinstance(pipe, StableDiffusionUpscalePipeline):
         raise UsageError(f"--ckpt {ckpt}: not an x4 upscaler (its model_index.json has no low_res_scheduler)")
+    check_clip_skip(s, pipe)
     load_embeddings(s.get("embedding"), pipe, dirs=s.get("embeddings_dir"),
                     texts=[*prompts, s.get("negative_prompt") or ""])
     tile_size = s.get("tile_size") or pipe.unet.config.sample_size
@@ -618,7 +633,8 @@ def cmd_upscale(args) -> int:
             n_samples=int(s["n_samples"]), steps=int(s["ddim_steps"]), scale=float(s["scale"]),
             noise_level=int(s["noise_level"]), sampler=s["sampler"], seed=int(s["seed"]), tile_size=int(tile_size),
             tile_overlap=s.get("tile_overlap"), model=Path(ckpt).name or str(ckpt), precision=precision,
-            model_hash=model_hash(ckpt), prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"])
+            model_hash=model_hash(ckpt), prompt_syntax=s["prompt_syntax"], emphasis=s["emphasis"],
+            clip_skip=int(s["clip_skip"]))
     except ValueError as e:  # the pipeline's checks of the request (noise level above the model's maximum, ...)
         raise UsageError(one_line(e)) from None
     print(f"sdjax: {len(records)} images saved in {outdir / 'samples'}")

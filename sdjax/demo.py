@@ -63,7 +63,7 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
              height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
              n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
              high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None,
-             prompt_syntax: str = "a1111", loras=None) -> list[Candidate]:
+             prompt_syntax: str = "a1111", loras=None, clip_skip: int = 1) -> list[Candidate]:
     """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
     batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
 
@@ -75,12 +75,13 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     An empty negative prompt is passed as None (SDXL base: zero negative embeddings, as diffusers).
     prompt_syntax: "a1111" (weights such as `(word:1.3)`, BREAK; `sdjax.prompts`) or "plain" (literal text).
     loras: an `sdjax.app.PromptLoras` of `pipe`: the prompt's `<lora:NAME:WEIGHT>` tags are taken out of its text
-    and the LoRAs they name merged (without one, tags are text).
+    and the LoRAs they name merged (without one, tags are text). clip_skip: A1111's Clip skip (1: the text
+    encoder's last layer), prompt and negative prompt alike.
     """
     from PIL import PngImagePlugin
 
     from sdjax.app import UsageError
-    from sdjax.bulk import image_metadata, lora_fields, syntax_fields
+    from sdjax.bulk import clip_skip_options, image_metadata, lora_fields, syntax_fields
     from sdjax.prompts import plain_text
 
     prompt = prompt or ""
@@ -96,7 +97,9 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
         except UsageError as e:  # a bad tag or a LoRA file that is not there: the request's error
             raise ValueError(str(e)) from None
         uses = loras.activate(tags)
-    kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed), prompt_syntax=prompt_syntax)
+    clip_skip = int(clip_skip or 1)
+    kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed), prompt_syntax=prompt_syntax,
+              **clip_skip_options(clip_skip))
     refine = refiner is not None and int(refiner_steps or 0) > 0
     handoff = refine and is_sdxl_handoff(pipe, refiner)
     extra = {}
@@ -127,7 +130,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
         params, _ = image_metadata(
             prompt=prompt, negative=negative_prompt or "", seed=int(seed), sampler=sampler, steps=int(steps),
             scale=float(guidance_scale), width=im.width, height=im.height, model=pipe.name, batch_position=k,
-            **extra, **syntax_fields(prompt_syntax, "original"), clip_score=scores[k], **lora_fields(uses))
+            **extra, **syntax_fields(prompt_syntax, "original", clip_skip), clip_score=scores[k],
+            **lora_fields(uses))
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", params)
         path = outdir / f"{uuid.uuid4().hex[:12]}.png"
@@ -167,7 +171,7 @@ def build_demo(pipe, reranker=None, refiner=None, loras=None):
     handoff = refiner is not None and is_sdxl_handoff(pipe, refiner)
 
     def run(prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize, sampler,
-            n_candidates, rerank, prompt_syntax="a1111"):
+            n_candidates, rerank, prompt_syntax="a1111", clip_skip=1):
         seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
         try:
             candidates = generate(
@@ -175,7 +179,7 @@ def build_demo(pipe, reranker=None, refiner=None, loras=None):
                 sampler=sampler, seed=seed, n_candidates=n_candidates,
                 reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
                 high_noise_frac=HIGH_NOISE_FRAC if high_noise_frac is None else high_noise_frac, outdir=outdir,
-                prompt_syntax=prompt_syntax or "a1111", loras=loras,
+                prompt_syntax=prompt_syntax or "a1111", loras=loras, clip_skip=clip_skip or 1,
             )
         except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
             raise gr.Error(" ".join(str(e).split())) from None
@@ -208,8 +212,11 @@ def build_demo(pipe, reranker=None, refiner=None, loras=None):
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a photograph of an astronaut riding a horse")
                 negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
-                prompt_syntax = gr.Radio(["a1111", "plain"], value="a1111", label="Prompt syntax",
-                                         info="a1111: (word:1.3), (word), [word], BREAK; plain: the text as it is")
+                with gr.Row():
+                    prompt_syntax = gr.Radio(["a1111", "plain"], value="a1111", label="Prompt syntax",
+                                             info="a1111: (word:1.3), (word), [word], BREAK; plain: the text as it is")
+                    clip_skip = gr.Slider(1, pipe.clip_skip_limit() + 1, value=1, step=1, label="Clip skip",
+                                          info="A1111's: 1 reads the text encoder's last layer, 2 the one before")
                 with gr.Row():
                     scale = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance scale")
                     steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
@@ -240,7 +247,7 @@ def build_demo(pipe, reranker=None, refiner=None, loras=None):
                                         interactive=False)
         per_image = gr.State([])
         inputs = [prompt, negative, scale, width, height, steps, refiner_steps, high_noise_frac, seed, randomize,
-                  sampler, n_candidates, rerank, prompt_syntax]
+                  sampler, n_candidates, rerank, prompt_syntax, clip_skip]
         outputs = [gallery, parameters, seed, per_image]
         button.click(run, inputs, outputs, api_name="generate")
         prompt.submit(run, inputs, outputs, api_name=False)

@@ -230,6 +230,32 @@ def test_prompt_syntax_flag_metadata_and_images(model, tmp_path):
         assert np.array_equal(np.asarray(ours, np.float32) / 255, runs[name][2])
 
 
+def test_clip_skip_flag(model, tmp_path, capsys):
+    """--clip-skip 2 (A1111's numbering): the library's image with clip_skip = negative_clip_skip = 1, "Clip skip: 2"
+    in the PNG text and the manifest, another run id; past the model's text encoder, or below 1: one line, exit 2."""
+    import sdjax
+
+    base = ["txt2img", "--prompt", "a red circle", "--negative-prompt", "blurry", "--n_samples", "1", "--n_iter",
+            "1", "--ckpt", str(model), "--skip_grid", "--seed", "3", *FAST]
+    out, plain_out = tmp_path / "skip", tmp_path / "plain"
+    assert cli.main(base + ["--outdir", str(out), "--clip-skip", "2"]) == 0
+    assert cli.main(base + ["--outdir", str(plain_out), "--clip-skip", "1"]) == 0
+    (record,), (plain,) = manifest(out), manifest(plain_out)
+    with Image.open(out / record["file"]) as im:
+        text, image = im.text["parameters"], np.asarray(im.convert("RGB"), np.float32) / 255
+    assert record["clip_skip"] == 2 and "Clip skip: 2" in text
+    assert "clip_skip" not in plain and record["run_id"] != plain["run_id"]
+    pipe = sdjax.StableDiffusionPipeline.from_pretrained(model)
+    ours = pipe("a red circle", "blurry", height=32, width=48, num_inference_steps=2, guidance_scale=5.0, seed=[3],
+                prompt_syntax="a1111", clip_skip=1, negative_clip_skip=1).images[0]
+    assert np.array_equal(np.asarray(ours, np.float32) / 255, image)
+    capsys.readouterr()
+    for n, words in (("3", "--clip-skip 3: this model's text encoder allows 1 to 2"), ("0", "at least 1")):
+        assert cli.main(base + ["--outdir", str(tmp_path / "bad"), "--clip-skip", n]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+
+
 def test_an_empty_prompt_is_kept_not_replaced(model, tmp_path):
     out = tmp_path / "o"
     assert cli.main(["txt2img", "--prompt", "", "--ckpt", str(model), "--outdir", str(out), "--n_samples", "1",

@@ -87,7 +87,7 @@ def test_refiner_steps_only_with_a_refiner(served, sdxl):
     assert control(served[0], "Refiner steps").visible is True
     assert "img2img" in control(served[0], "Refiner steps").label
     assert control(served[0], "High-noise fraction").visible is False
-    fake = types.SimpleNamespace(vae_scale_factor=8, default_size=512, name="fake",
+    fake = types.SimpleNamespace(vae_scale_factor=8, default_size=512, name="fake", clip_skip_limit=lambda: 11,
                                  mesh=types.SimpleNamespace(devices=types.SimpleNamespace(size=1)))
     for demo in (build_demo(fake), build_demo(sdxl["base"])):  # no refiner: neither control
         assert control(demo, "Refiner steps").visible is False
@@ -166,3 +166,21 @@ def test_prompt_syntax_toggle(served, tmp_path):
             results[syntax] = (parameters, np.asarray(im.convert("RGB"), np.float32) / 255)
     assert "Emphasis: Original" in results["a1111"][0] and "Emphasis" not in results["plain"][0]
     assert np.abs(results["a1111"][1] - results["plain"][1]).max() > 0.02
+
+
+def test_clip_skip_control(served, tmp_path):
+    """The Clip skip slider (A1111's numbering, default 1) reaches the pipeline (prompt and negative) and the
+    metadata: Clip skip 2 gives another image and "Clip skip: 2"; 1 writes nothing."""
+    gradio_client = pytest.importorskip("gradio_client")
+    demo, port = served
+    assert control(demo, "Clip skip").value == 1
+    client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path))
+    results = {}
+    for skip in (1, 2):
+        gallery, parameters, _ = client.predict(
+            "a red circle", "blurry", 5.0, 32, 24, 2, 0, 0.8, 5, False, "ddim", 1, False, "a1111", skip,
+            api_name="/generate")
+        with Image.open(gallery[0]["image"]) as im:
+            results[skip] = (parameters, np.asarray(im.convert("RGB"), np.float32) / 255)
+    assert "Clip skip: 2" in results[2][0] and "Clip skip" not in results[1][0]
+    assert np.abs(results[1][1] - results[2][1]).max() > 0.02

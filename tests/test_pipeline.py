@@ -83,6 +83,46 @@ def test_txt2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):
 
 
 
+def clip_skip_in_transformers_5(ref, monkeypatch):
+    """diffusers' clip_skip reaches the final layer norm as `text_encoder.text_model.final_layer_norm`; transformers
+    5's CLIPTextModel has it at the top (no `text_model`): point diffusers' path at it."""
+    import types
+
+    te = ref.text_encoder
+    if not hasattr(te, "text_model"):
+        monkeypatch.setattr(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm),
+                            raising=False)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_clip_skip_matches_diffusers(kind, pipes, refs, monkeypatch):
+    """diffusers' clip_skip=1 (A1111's "Clip skip: 2"): the prompt read from the text encoder's penultimate layer
+    through its final layer norm; it moves the image; past the encoder's layers is one line."""
+    pipe, ref = pipes[kind], refs[kind]
+    clip_skip_in_transformers_5(ref, monkeypatch)
+    latents = np.random.default_rng(4).standard_normal((2, *LATENT)).astype(np.float32)
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, guidance_scale=7.5, output_type="np")
+    ours = pipe(PROMPTS, NEGATIVES, sampler="ddim", latents=latents, clip_skip=1, **kw).images
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    theirs = ref(PROMPTS, negative_prompt=NEGATIVES, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                 clip_skip=1, **kw).images
+    assert np.abs(ours - theirs).max() <= TOL
+    plain = pipe(PROMPTS, NEGATIVES, sampler="ddim", latents=latents, clip_skip=0, **kw).images
+    assert np.abs(plain - ours).max() > 0.02
+    # negative_clip_skip (A1111 skips on both sides): diffusers given the negatives read the same way
+    both = pipe(PROMPTS, NEGATIVES, sampler="ddim", latents=latents, clip_skip=1, negative_clip_skip=1, **kw).images
+    ids = ref.tokenizer(NEGATIVES, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        te = ref.text_encoder
+        negative = te.final_layer_norm(te(ids.input_ids, output_hidden_states=True).hidden_states[-2])
+    theirs = ref(PROMPTS, negative_prompt_embeds=negative, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                 clip_skip=1, **kw).images
+    assert np.abs(both - theirs).max() <= TOL and np.abs(both - ours).max() > 0.02
+    with pytest.raises(ValueError, match="clip_skip must be an integer from 0 to 1 for this model's text encoder, "
+                                         "got 2"):
+        pipe(PROMPTS, clip_skip=2, **kw)
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 @pytest.mark.parametrize("sampler", samplers.SAMPLERS)
 def test_img2img_matches_diffusers(kind, sampler, pipes, refs, monkeypatch):

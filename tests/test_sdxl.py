@@ -79,6 +79,7 @@ BASE_CASES = {
                                                   guidance_scale=12.0)),
     "dpmpp_2m": ("dpmpp_2m", 2, True, 0.0, dict(target_size=(40, 40), crops_coords_top_left=(2, 0))),
     "euler-zero-negatives": ("euler", 2, False, 0.0, {}),
+    "ddim-clip-skip": ("ddim", 2, True, 0.0, dict(clip_skip=1)),  # both encoders one layer before the penultimate
     # diffusers' txt2img pipeline orders the time ids [neg, pos, neg, pos, ...] against a batch [neg..., pos...],
     # so distinct negative sizes pair up as intended only for a batch of one: compare there
     "ddim-negative-sizes": ("ddim", 1, True, 0.0, dict(negative_original_size=(16, 16),

@@ -7,6 +7,8 @@ sampler noise that sdjax draws.
 """
 from __future__ import annotations
 
+import types
+
 import json
 from pathlib import Path
 
@@ -141,6 +143,19 @@ def test_images_per_prompt_share_injected_noise_as_diffusers(pipe, ref, monkeypa
     theirs = ref(PROMPTS[1], odd, num_inference_steps=STEPS, guidance_scale=5.0, num_images_per_prompt=2,
                  latents=nchw(latents), output_type="np").images
     assert ours.shape == (2, 4 * h, 4 * w, 3)
+    assert np.abs(ours - theirs).max() <= TOL
+
+
+def test_clip_skip_matches_diffusers(pipe, ref, monkeypatch):
+    noise = np.random.default_rng(11).standard_normal((2, h, w, 3)).astype(np.float32)
+    latents = np.random.default_rng(12).standard_normal((2, h, w, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="np", clip_skip=1)
+    ours = pipe(PROMPTS, LOW, NEGATIVES, sampler="ddim", latents=latents, low_res_noise=noise, **kw).images
+    ref.scheduler = diffusers_scheduler("ddim", ref)
+    patch_noise(monkeypatch, [noise])
+    te = ref.text_encoder  # diffusers reaches text_model.final_layer_norm; transformers 5 has it at the top
+    monkeypatch.setattr(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm), raising=False)
+    theirs = ref(PROMPTS, LOW, negative_prompt=NEGATIVES, latents=nchw(latents), **kw).images
     assert np.abs(ours - theirs).max() <= TOL
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from sdjax import prompts as prompts_lib
@@ -118,24 +119,39 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return {"text_encoder": self.text_encoder}
 
     def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, prompt_syntax="plain",
-                      emphasis="original") -> PromptInputs:
+                      emphasis="original", clip_skip=None, negative_clip_skip=None) -> PromptInputs:
         negatives = [""] * len(prompts) if negative_prompt is None else per_prompt(
             negative_prompt, len(prompts), "negative_prompt")
         groups = {"": [(self.tokenizer, prompts)]}
         if cfg:
             groups["neg_"] = [(self.tokenizer, negatives)]
         inputs, static = prompts_lib.text_inputs(groups, prompt_syntax, emphasis)
-        return PromptInputs(per_prompt=inputs, static=static)
+        skips = (("clip_skip", check_clip_skip(clip_skip, self.clip_skip_limit())),
+                 ("neg_clip_skip", check_clip_skip(negative_clip_skip, self.clip_skip_limit())))
+        return PromptInputs(per_prompt=inputs, static=(*static, *skips))
+
+    def clip_skip_limit(self) -> int:
+        """The largest clip_skip: the prompt is read from layer L - clip_skip (1 at least) of L."""
+        return min(m.config.num_hidden_layers for m in self.text_encoders().values()) - 1
 
     def conditioning(self, static: tuple):
-        emphasis = dict(static)["emphasis"]
+        options = dict(static)
+        emphasis = options["emphasis"]
 
         def encode(encoders, inputs, cfg):
             te = encoders["text_encoder"]
 
             def side(prefix):
-                context, _ = encode_chunks(lambda ids: (te(ids).last_hidden_state, None), inputs[f"{prefix}ids_0"],
-                                           inputs.get(f"{prefix}weights_0"), emphasis)
+                skip = options.get(f"{prefix}clip_skip")
+
+                def states(ids):  # diffusers' clip_skip: an earlier layer's output, through the final layer norm
+                    if not skip:
+                        return te(ids).last_hidden_state, None
+                    hidden = te(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
+                    return te.text_model.final_layer_norm(hidden), None
+
+                context, _ = encode_chunks(states, inputs[f"{prefix}ids_0"], inputs.get(f"{prefix}weights_0"),
+                                           emphasis)
                 return Conditioning(context=context, context_mask=inputs.get(f"{prefix}mask"))
 
             return side(""), side("neg_") if cfg else None
@@ -164,6 +180,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         *,
         prompt_syntax: str = "plain",
         emphasis: str = "original",
+        clip_skip: int | None = None,
+        negative_clip_skip: int | None = None,
     ) -> PipelineOutput:
         """Generate images. Mode: txt2img without `image`, img2img with `image`, inpaint with `image` and
         `mask_image` (white = repaint).
@@ -177,6 +195,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         prompt_syntax: "plain" (the text is literal) or "a1111" (`(word:1.3)`, `[word]`, BREAK, ...; also for the
         negative prompts); prompts of any length are encoded in chunks of 75 tokens (`sdjax.prompts`). emphasis:
         with "a1111", "original" (A1111's default: weighted chunks keep their mean) or "none".
+        clip_skip: diffusers' — the prompt is read from the text encoder's layer `clip_skip` before the last (then
+        its final layer norm); None or 0: the last layer. As in diffusers it does not change the negative prompts;
+        negative_clip_skip does (A1111's "Clip skip: N" is clip_skip = negative_clip_skip = N-1).
         Returns PipelineOutput(images=...) with "pil" (list of PIL images), "np" ((B, H, W, 3) float in [0, 1]) or
         "latent" ((B, H/f, W/f, C) latents, unscaled by the VAE scaling factor as diffusers returns them).
         With several processes (sdjax.distributed) the batch is split over every process's devices and each
@@ -188,8 +209,20 @@ class StableDiffusionPipeline(DiffusionPipeline):
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
             latents=latents, image=image, mask_image=mask_image, strength=strength, output_type=output_type,
-            guidance_rescale=guidance_rescale, text_options=dict(prompt_syntax=prompt_syntax, emphasis=emphasis),
+            guidance_rescale=guidance_rescale,
+            text_options=dict(prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
+                              negative_clip_skip=negative_clip_skip),
         )
+
+
+def check_clip_skip(clip_skip, top: int) -> int | None:
+    """clip_skip as an int 1..top (None for None or 0); `top`: the pipeline's `clip_skip_limit()`."""
+    if clip_skip is None or clip_skip == 0:
+        return None
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 0 <= clip_skip <= top:
+        raise ValueError(f"clip_skip must be an integer from 0 to {top} for this model's text encoder, got "
+                         f"{clip_skip!r}")
+    return int(clip_skip)
 
 
 def emphasize(states, weights, emphasis: str):

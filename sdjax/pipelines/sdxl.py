@@ -15,7 +15,7 @@ from sdjax.pipelines.base import PipelineOutput, PromptInputs, check_fraction, p
 from sdjax.pipelines.images import to_list
 from sdjax.pipelines.program import Conditioning
 from sdjax.original_layout import ComponentConfigs
-from sdjax.pipelines.sd import StableDiffusionPipeline, encode_chunks, scheduler_with_class
+from sdjax.pipelines.sd import StableDiffusionPipeline, check_clip_skip, encode_chunks, scheduler_with_class
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
@@ -98,7 +98,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, prompt_2=None,
                      negative_prompt_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                      negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                     aesthetic_score=6.0, negative_aesthetic_score=2.5, prompt_syntax="plain", emphasis="original"):
+                     aesthetic_score=6.0, negative_aesthetic_score=2.5, prompt_syntax="plain", emphasis="original",
+                     clip_skip=None, negative_clip_skip=None):
         n = len(prompts)
         prompts_2 = prompts if prompt_2 is None else per_prompt(prompt_2, n, "prompt_2")
         # diffusers zeroes the negative embeddings when no negative_prompt is given (negative_prompt_2 alone
@@ -143,8 +144,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         inputs["time_ids"] = np.tile(np.asarray(time_ids, np.float32), (n, 1))
         if cfg:
             inputs["neg_time_ids"] = np.tile(np.asarray(neg_time_ids, np.float32), (n, 1))
-        static = (("zero_negatives", bool(cfg and zero)), ("encoders", len(texts)), *text_static)
+        skips = (("clip_skip", check_clip_skip(clip_skip, self.clip_skip_limit())),
+                 ("neg_clip_skip", check_clip_skip(negative_clip_skip, self.clip_skip_limit())))
+        static = (("zero_negatives", bool(cfg and zero)), ("encoders", len(texts)), *text_static, *skips)
         return PromptInputs(per_prompt=inputs, static=static)
+
+    def clip_skip_limit(self) -> int:
+        """SDXL reads the penultimate layer already: clip_skip goes back from there."""
+        return super().clip_skip_limit() - 1
 
     def conditioning(self, static: tuple):
         options = dict(static)
@@ -154,9 +161,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             # each encoder chunk by chunk, its own emphasis (as A1111); pooled from text_encoder_2's first chunk
             states, pooled = [], None
             for j, name in enumerate(names):
-                def run(ids, encoder=encoders[name]):
+                def run(ids, encoder=encoders[name]):  # the penultimate layer, or clip_skip layers before it
                     out = encoder(ids, output_hidden_states=True)
-                    return out.hidden_states[-2], out.text_embeds
+                    return out.hidden_states[-((options.get(f"{prefix}clip_skip") or 0) + 2)], out.text_embeds
 
                 s, p = encode_chunks(run, inputs[f"{prefix}ids_{j}"], inputs.get(f"{prefix}weights_{j}"),
                                      options["emphasis"])
@@ -220,6 +227,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         refiner_num_inference_steps: int | None = None,
         prompt_syntax: str = "plain",
         emphasis: str = "original",
+        clip_skip: int | None = None,
+        negative_clip_skip: int | None = None,
     ) -> PipelineOutput:
         """Generate images; the arguments of `StableDiffusionPipeline.__call__` plus SDXL's.
 
@@ -239,7 +248,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         which it runs the part after high_noise_frac, as diffusers' refiner called with that num_inference_steps
         and denoising_start=high_noise_frac (40 steps at 0.8: about the last 8).
         prompt_syntax, emphasis: as `StableDiffusionPipeline.__call__` (both encoders chunked alike, the pooled
-        embedding from the first chunk); the refiner reads the prompts with the same syntax.
+        embedding from the first chunk); the refiner reads the prompts with the same syntax. clip_skip: diffusers'
+        (the layer `clip_skip` before the penultimate one, for both encoders; the pooled embedding unchanged; the
+        negative prompts with negative_clip_skip).
         """
         options = dict(
             prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
@@ -247,7 +258,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-            prompt_syntax=prompt_syntax, emphasis=emphasis,
+            prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
+            negative_clip_skip=negative_clip_skip,
         )
         common = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,

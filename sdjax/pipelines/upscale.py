@@ -92,9 +92,11 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     # -- conditioning: the text, plus the noised low-res image and its noise level ---------------------------------
 
     def prompt_inputs(self, prompts, negative_prompt, *, cfg, mode, height, width, low_res, noise_level,
-                      low_res_noise, keys=None, prompt_syntax="plain", emphasis="original") -> PromptInputs:
+                      low_res_noise, keys=None, prompt_syntax="plain", emphasis="original",
+                      clip_skip=None, negative_clip_skip=None) -> PromptInputs:
         text = super().prompt_inputs(prompts, negative_prompt, cfg=cfg, mode=mode, height=height, width=width,
-                                     prompt_syntax=prompt_syntax, emphasis=emphasis)
+                                     prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
+                                     negative_clip_skip=negative_clip_skip)
         text.per_prompt["low_res"] = low_res  # (prompts, h, w, 3) in [-1, 1]
         text.per_prompt["noise_level"] = np.full(len(prompts), noise_level, np.int32)
         text.per_image["low_res_noise"] = low_res_noise
@@ -155,6 +157,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         *,
         prompt_syntax: str = "plain",
         emphasis: str = "original",
+        clip_skip: int | None = None,
+        negative_clip_skip: int | None = None,
     ) -> PipelineOutput:
         """Upscale `image` 4x, guided by `prompt`.
 
@@ -173,7 +177,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         are crops of the full-size noise, so an image that fits in one tile upscales exactly as untiled; in a
         multi-tile run the stochastic samplers draw each tile's step noise from a key of its own.
         output_type: "pil", "np" ((B, 4h, 4w, 3) in [0, 1]) or "latent" ((B, h, w, C)).
-        prompt_syntax, emphasis: as `StableDiffusionPipeline.__call__`.
+        prompt_syntax, emphasis, clip_skip, negative_clip_skip: as `StableDiffusionPipeline.__call__`.
         """
         prompts = check_prompts(prompt)
         if image is None:
@@ -217,7 +221,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         def upscale(y, x, keys, output):  # the crop at (y, x), as an ordinary call of the shared program
             crop = (slice(None), slice(y, y + tile_h), slice(x, x + tile_w))
             options = dict(low_res=low[crop], noise_level=level, low_res_noise=low_res_noise[crop], keys=keys,
-                           prompt_syntax=prompt_syntax, emphasis=emphasis)
+                           prompt_syntax=prompt_syntax, emphasis=emphasis, clip_skip=clip_skip,
+                           negative_clip_skip=negative_clip_skip)
             return self.generate_images(prompts, negative_prompt, height=tile_h * self.vae_scale_factor,
                                          width=tile_w * self.vae_scale_factor, latents=latents[crop],
                                          output_type=output, text_options=options, **call)
