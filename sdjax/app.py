@@ -267,8 +267,6 @@ def load_embeddings(specs, pipe, refiner=None, dirs=(), texts=()) -> list[tuple[
     (clip_l/clip_g) also goes into the refiner, as its clip_g. `--embeddings-dir DIR` (`dirs`): as A1111's embeddings
     folder, every file there whose name (without extension) a prompt or negative prompt in `texts` uses, under that
     name. Returns [(token, file)]."""
-    from sdjax.embeddings import named_in
-
     loaded = []
     for spec in [specs] if isinstance(specs, str) else list(specs or []):
         if not isinstance(spec, str) or not spec:
@@ -279,15 +277,20 @@ def load_embeddings(specs, pipe, refiner=None, dirs=(), texts=()) -> list[tuple[
             if not token:
                 raise UsageError(f"--embedding {spec}: the token after ':' is empty")
         loaded.append((_load_embedding(path, token, pipe, refiner, f"--embedding {spec}"), path))
+    return loaded + load_named_embeddings(texts, dirs, pipe, refiner, skip={token for token, _ in loaded})
+
+
+def load_named_embeddings(texts, dirs, pipe, refiner=None, skip=frozenset()) -> list[tuple[str, str]]:
+    """The embeddings of folders `dirs` that `texts` name (`sdjax.embeddings.named_in`), except the names in
+    `skip` (loaded already), into the pipeline (and an SDXL file's clip_g into the refiner). [(name, file)]."""
+    from sdjax.embeddings import named_in
+
     try:
         found = named_in(texts, [dirs] if isinstance(dirs, str) else list(dirs or []))
     except ValueError as e:
         raise UsageError(one_line(e)) from None
-    given = {token for token, _ in loaded}
-    for name, path in found.items():
-        if name not in given:
-            loaded.append((_load_embedding(path, name, pipe, refiner, f"embedding {name} ({path})"), str(path)))
-    return loaded
+    return [(_load_embedding(path, name, pipe, refiner, f"embedding {name} ({path})"), str(path))
+            for name, path in found.items() if name not in skip]
 
 
 def _load_embedding(path, token, pipe, refiner, what: str) -> str:

@@ -702,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "latents; any other runs as an img2img pass over the images")
     d.add_argument("--lora-dir", dest="lora_dir", action="append", metavar="DIR",
                    help="the folder (and its subfolders) of the LoRA files prompts name with <lora:NAME:WEIGHT>")
+    d.add_argument("--embeddings-dir", dest="embeddings_dir", action="append", metavar="DIR",
+                   help="A1111's embeddings folder: embeddings a prompt or negative prompt names by file name")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, help="port (default: 7860 or the next free one)")
     _add_train_parsers(sub)

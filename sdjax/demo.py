@@ -63,7 +63,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
              height: int | None = None, steps: int = 25, sampler: str = "dpmpp_2m", seed: int = 0,
              n_candidates: int = 4, reranker=None, refiner=None, refiner_steps: int = 0,
              high_noise_frac: float = HIGH_NOISE_FRAC, outdir: str | os.PathLike | None = None,
-             prompt_syntax: str = "a1111", loras=None, clip_skip: int = 1) -> list[Candidate]:
+             prompt_syntax: str = "a1111", loras=None, clip_skip: int = 1,
+             embeddings: "EmbeddingFolders | None" = None) -> list[Candidate]:
     """Generate `n_candidates` images for `prompt`, best CLIP score first when a `reranker` is given (else in
     batch order), saved as PNGs with A1111 metadata in `outdir` (default: a new temporary folder).
 
@@ -76,7 +77,8 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
     prompt_syntax: "a1111" (weights such as `(word:1.3)`, BREAK; `sdjax.prompts`) or "plain" (literal text).
     loras: an `sdjax.app.PromptLoras` of `pipe`: the prompt's `<lora:NAME:WEIGHT>` tags are taken out of its text
     and the LoRAs they name merged (without one, tags are text). clip_skip: A1111's Clip skip (1: the text
-    encoder's last layer), prompt and negative prompt alike.
+    encoder's last layer), prompt and negative prompt alike. embeddings: the `--embeddings-dir` folders: the
+    embeddings the prompt or negative prompt name are loaded (once) before the call.
     """
     from PIL import PngImagePlugin
 
@@ -97,6 +99,11 @@ def generate(pipe, prompt: str, negative_prompt: str = "", *, guidance_scale: fl
         except UsageError as e:  # a bad tag or a LoRA file that is not there: the request's error
             raise ValueError(str(e)) from None
         uses = loras.activate(tags)
+    if embeddings is not None:
+        try:
+            embeddings.load_for([text, negative_prompt or ""], pipe, refiner)
+        except UsageError as e:  # a named embedding that cannot be loaded: the request's error
+            raise ValueError(str(e)) from None
     clip_skip = int(clip_skip or 1)
     kw = dict(guidance_scale=float(guidance_scale), sampler=sampler, seed=int(seed), prompt_syntax=prompt_syntax,
               **clip_skip_options(clip_skip))
@@ -154,13 +161,28 @@ def _gradio():
     return gradio
 
 
-def build_demo(pipe, reranker=None, refiner=None, loras=None):
+@dataclasses.dataclass
+class EmbeddingFolders:
+    """The demo's `--embeddings-dir` folders and the names loaded from them so far (a name is loaded once)."""
+
+    dirs: tuple
+    loaded: set = dataclasses.field(default_factory=set)
+
+    def load_for(self, texts, pipe, refiner=None) -> None:
+        from sdjax.app import load_named_embeddings
+
+        for name, _ in load_named_embeddings(texts, self.dirs, pipe, refiner, skip=self.loaded):
+            self.loaded.add(name)
+
+
+def build_demo(pipe, reranker=None, refiner=None, loras=None, embeddings=None):
     """The UI for `pipe` (a `StableDiffusionPipeline`), with CLIP reranking if `reranker` (a `CLIPReranker`) is
     given and refiner controls if `refiner` (a second pipeline) is: the refiner's steps (0: off), and for an SDXL
     base with an SDXL refiner the high-noise fraction where the base hands over (`generate`). Returns a `gr.Blocks`;
     its `generate` endpoint (api_name "generate") takes the controls in the order they are listed below (hidden
     ones included) and returns the gallery, the best image's metadata and the seed used. loras: an
-    `sdjax.app.PromptLoras` of `pipe`: prompts may name its LoRAs with `<lora:NAME:WEIGHT>` tags."""
+    `sdjax.app.PromptLoras` of `pipe`: prompts may name its LoRAs with `<lora:NAME:WEIGHT>` tags. embeddings: an
+    `EmbeddingFolders`: prompts may name its embeddings."""
     gr = _gradio()
     from sdjax.samplers import SAMPLERS
 
@@ -179,7 +201,7 @@ def build_demo(pipe, reranker=None, refiner=None, loras=None):
                 sampler=sampler, seed=seed, n_candidates=n_candidates,
                 reranker=reranker if rerank else None, refiner=refiner, refiner_steps=refiner_steps or 0,
                 high_noise_frac=HIGH_NOISE_FRAC if high_noise_frac is None else high_noise_frac, outdir=outdir,
-                prompt_syntax=prompt_syntax or "a1111", loras=loras, clip_skip=clip_skip or 1,
+                prompt_syntax=prompt_syntax or "a1111", loras=loras, clip_skip=clip_skip or 1, embeddings=embeddings,
             )
         except ValueError as e:  # the pipeline's checks of the request: show them, not a traceback
             raise gr.Error(" ".join(str(e).split())) from None
@@ -281,19 +303,21 @@ def load_models(model=None, rerank_model=None, refiner_model=None):
 
 
 def launch(model=None, rerank_model=None, host: str = "127.0.0.1", port: int | None = None, refiner_model=None,
-           block: bool = True, lora_dirs=()):
+           block: bool = True, lora_dirs=(), embeddings_dirs=()):
     """Load the models and serve the UI on http://host:port (port None: Gradio's 7860 or the next free one).
     block=False returns the running `gr.Blocks` (close it with `.close()`). lora_dirs: where prompts'
-    `<lora:NAME:WEIGHT>` tags find their files."""
+    `<lora:NAME:WEIGHT>` tags find their files; embeddings_dirs: A1111's embeddings folders."""
     from sdjax.app import PromptLoras, UsageError
 
     _gradio()
-    for d in lora_dirs:  # before the models load
-        if not Path(d).expanduser().is_dir():
-            raise UsageError(f"--lora-dir {d}: no such folder")
+    for flag, dirs in (("--lora-dir", lora_dirs), ("--embeddings-dir", embeddings_dirs)):  # before the models load
+        for d in dirs:
+            if not Path(d).expanduser().is_dir():
+                raise UsageError(f"{flag} {d}: no such folder")
     pipe, reranker, refiner = load_models(model, rerank_model, refiner_model)
     loras = PromptLoras(pipe, (), lora_dirs) if lora_dirs else None
-    demo = build_demo(pipe, reranker, refiner, loras)
+    embeddings = EmbeddingFolders(tuple(embeddings_dirs)) if embeddings_dirs else None
+    demo = build_demo(pipe, reranker, refiner, loras, embeddings)
     demo.queue(default_concurrency_limit=1)  # one generation at a time: the devices are shared by all users
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
                 allowed_paths=[str(demo.sdjax_outdir)], share=False)
@@ -308,8 +332,9 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     _gradio()
     launch(args.ckpt, args.rerank_model, host=args.host, port=args.port, refiner_model=args.refiner,
-           lora_dirs=args.lora_dir or ())
+           lora_dirs=args.lora_dir or (), embeddings_dirs=args.embeddings_dir or ())
     return 0
 
 
-__all__ = ["Candidate", "build_demo", "default_clip", "generate", "is_sdxl_handoff", "launch", "load_models"]
+__all__ = ["Candidate", "EmbeddingFolders", "build_demo", "default_clip", "generate", "is_sdxl_handoff", "launch",
+           "load_models"]

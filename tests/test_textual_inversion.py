@@ -529,3 +529,26 @@ def test_loading_and_unloading_do_not_recompile(folders, compiles):
     pipe(["<big>", "<c>"], **kw)
     assert compiles.count == 3
     assert not np.array_equal(with_all, without_a) and not np.array_equal(with_all, plain)
+
+
+def test_demo_embeddings_dir(sd1, tmp_path, unload_after):
+    """The demo's --embeddings-dir (`EmbeddingFolders`): the embeddings a request's prompt and negative prompt name
+    are loaded once (a second request naming them loads nothing again) and give the library's image."""
+    pytest.importorskip("gradio")
+    from sdjax.demo import EmbeddingFolders, generate
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    neg = a1111_pt(folder / "EasyNeg.pt", "<inside>", vectors(2, 32, 44))
+    style = kohya_safetensors(folder / "style-v2.safetensors", vectors(3, 32, 45))
+    folders = EmbeddingFolders((str(folder),))
+    kw = dict(guidance_scale=5.0, width=32, height=32, steps=2, sampler="ddim", seed=3, n_candidates=1)
+    got = generate(sd1, "a style-v2 cat", "EasyNeg", outdir=tmp_path / "a", embeddings=folders, **kw)[0]
+    again = generate(sd1, "a style-v2 dog", "EasyNeg", outdir=tmp_path / "b", embeddings=folders, **kw)[0]
+    assert folders.loaded == {"EasyNeg", "style-v2"} and again.path != got.path
+    sd1.unload_textual_inversion()
+    sd1.load_textual_inversion([str(neg), str(style)], token=["EasyNeg", "style-v2"])
+    want = sd1("a style-v2 cat", "EasyNeg", height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+               seed=3, sampler="ddim", prompt_syntax="a1111").images[0]
+    with Image.open(got.path) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(want))
