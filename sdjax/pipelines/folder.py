@@ -7,6 +7,12 @@ from pathlib import Path
 from sdjax.loading import resolve_path
 
 
+def tokenizer_of(encoder: str) -> str:
+    """The tokenizer part of a text encoder part, as diffusers pairs their names (text_encoder -> tokenizer,
+    text_encoder_2 -> tokenizer_2)."""
+    return encoder.replace("text_encoder", "tokenizer")
+
+
 def read_index(path_or_id) -> tuple[Path, dict]:
     """(the folder, its model_index.json as a dict); a hub id is fetched first (sdjax.loading.resolve_path)."""
     folder = resolve_path(path_or_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdjax.original_layout import ComponentConfigs
+from sdjax.pipelines.folder import tokenizer_of
 
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
@@ -55,8 +56,8 @@ def save_pipeline(pipe, out, configs: ComponentConfigs, *, vocab_sizes: dict[str
         for part, module in encoders.items():
             module.save_pretrained(folder / part, variant=variant, dtype=dtype,
                                    vocab_size=(vocab_sizes or {}).get(part))
-        for encoder in encoders:  # text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2 (diffusers' names)
-            part = encoder.replace("text_encoder", "tokenizer")
+        for encoder in encoders:
+            part = tokenizer_of(encoder)
             getattr(pipe, part).hf.save_pretrained(folder / part)
         write_schedulers(folder, configs)
 

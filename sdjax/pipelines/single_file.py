@@ -166,7 +166,7 @@ def convert(path, out_dir, **options) -> Path:
                       metadata={"format": "pt"})
             if not part.startswith("text_encoder"):
                 continue
-            tokenizer = part.replace("text_encoder", "tokenizer")
+            tokenizer = folder_lib.tokenizer_of(part)
             (tmp / tokenizer).mkdir()
             for name in ("vocab.json", "merges.txt"):
                 shutil.copyfile(PACKAGED / name, tmp / tokenizer / name)

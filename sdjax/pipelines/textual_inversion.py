@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import embeddings as embeddings_lib
+from sdjax.pipelines.folder import tokenizer_of
 from sdjax.pipelines.program import put_batch
 from sdjax.prompts import CHUNK
 
@@ -185,7 +186,7 @@ class TextualInversionMixin:
 
     @staticmethod
     def _ti_tokenizer_name(encoder: str) -> str:
-        return encoder.replace("text_encoder", "tokenizer")  # diffusers' pairing of names
+        return tokenizer_of(encoder)
 
     def _ti_tokenizer(self, encoder: str):
         return getattr(self, self._ti_tokenizer_name(encoder))
