@@ -230,13 +230,10 @@ class PromptLoras:
         from sdjax.extra_networks import LoraUse
 
         weights: dict[Path, tuple[float, float]] = {}  # file -> (text encoder, UNet)
-        for path, w in self.fixed:
+        for path, add_te, add_unet in [(p, w, w) for p, w in self.fixed] + [(self.found[t.name], t.te, t.unet)
+                                                                             for t in tags]:
             te, unet = weights.get(path, (0.0, 0.0))
-            weights[path] = (te + w, unet + w)
-        for tag in tags:
-            path = self.found[tag.name]
-            te, unet = weights.get(path, (0.0, 0.0))
-            weights[path] = (te + tag.te, unet + tag.unet)
+            weights[path] = (te + add_te, unet + add_unet)
         state = tuple(weights.items())
         if self.adapters and state != self.active:
             self.pipe.set_adapters([self.adapters[p] for p in weights],

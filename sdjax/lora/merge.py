@@ -188,10 +188,11 @@ class Adapters:
         self.fused, self.unfused = set(), {}
         self._programs.clear()
 
-    def fuse(self, names: Sequence[str] | None, components: Sequence[str], scale: float, safe: bool) -> None:
+    def fuse(self, names: Sequence[str] | None, components: Sequence[str] | None, scale: float, safe: bool) -> None:
         """Add `scale` x the deltas of adapters `names` (default: the active ones, with their weights; an inactive
-        one with weight 1) in `components` to the base weights. `safe`: refuse, changing nothing, if a fused weight
-        is not finite."""
+        one with weight 1) in `components` (default: every network) to the base weights. `safe`: refuse, changing
+        nothing, if a fused weight is not finite."""
+        components = list(self.networks) if components is None else list(components)
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not math.isfinite(scale):
             raise ValueError(f"lora_scale must be a finite number, got {scale!r}")
         bad = [c for c in components if c not in self.networks]
@@ -223,9 +224,10 @@ class Adapters:
         self.fused |= {(a.name, c) for a, w in fusing for c, v in w.items() if v != 0.0}
         self.apply()
 
-    def unfuse(self, components: Sequence[str]) -> None:
-        """The weights of `components` back to their state before `fuse` (the adapters still loaded are merged
-        again as they are active)."""
+    def unfuse(self, components: Sequence[str] | None = None) -> None:
+        """The weights of `components` (default: every network) back to their state before `fuse` (the adapters
+        still loaded are merged again as they are active)."""
+        components = list(self.networks) if components is None else list(components)
         for key in [k for k in self.unfused if self.base_targets[k].component in components]:
             self.base[key] = self.unfused.pop(key)
         self.fused = {(n, c) for n, c in self.fused if c not in components}

@@ -289,14 +289,13 @@ class DiffusionPipeline(TextualInversionMixin):
         images are those of the adapters merged with weight x lora_scale; `unload_lora_weights` afterwards keeps the
         fused weights and drops the adapters; `unfuse_lora` gives the weights before the fuse back. safe_fusing:
         refuse (changing nothing) if a fused weight is not finite."""
-        parts = list(self.text_encoders()) + ["unet"] if components is None else list(components)
-        self.adapters().fuse(adapter_names, parts, lora_scale, safe_fusing)
+        self.adapters().fuse(adapter_names, components, lora_scale, safe_fusing)
 
     def unfuse_lora(self, components: list[str] | None = None) -> None:
         """Undo `fuse_lora` in `components` (default: all): their weights before the fuse, with the still-loaded
         adapters merged as they are active."""
         if self._adapters:
-            self._adapters.unfuse(list(self.text_encoders()) + ["unet"] if components is None else list(components))
+            self._adapters.unfuse(components)
 
     def adapters(self) -> Adapters:
         """The pipeline's adapter state (`sdjax.lora.merge.Adapters`), made on first use."""
